@@ -1,0 +1,1 @@
+"""client_engine: the worker side (TaskProlog env, token, exec, run)."""

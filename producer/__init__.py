@@ -1,0 +1,1 @@
+"""producer: mint Slurm-compatible JWTs at login (PAM) and on request."""

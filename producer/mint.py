@@ -1,0 +1,147 @@
+"""Minting: who may get a token, with which limits, and where it goes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from producer.claims import build_claims
+from producer.loginfile import write_login_token
+from tokenlife.clock import Clock, SystemClock
+from tokenlife.config import Config
+from tokenlife.errors import PermissionDenied, TokenInvalid, TokenlifeError, UserError
+from tokenlife.interfaces import KeySource, TokenStore
+from tokenlife.model import ACTIVE, TokenRecord
+from tokenlife.users import UserInfo, lookup, name_of, uid_of
+
+log = logging.getLogger(__name__)
+
+
+class Minter:
+    def __init__(
+        self,
+        config: Config,
+        key_source: KeySource,
+        store: TokenStore,
+        clock: Clock | None = None,
+        login_dir: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.key_source = key_source
+        self.store = store
+        self.clock = clock or SystemClock()
+        #: where login-node token files go; None: do not write one
+        self.login_dir = login_dir
+
+    # -- policy -------------------------------------------------------------
+
+    def is_privileged(self, user: UserInfo) -> bool:
+        """root and SlurmUser tokens may act as any user over slurmrestd."""
+        return user.uid == 0 or user.name == self.config.producer.slurm_user
+
+    def may_mint_for_others(self, caller_uid: int) -> bool:
+        if caller_uid == 0:
+            return True
+        p = self.config.producer
+        return any(uid_of(name) == caller_uid for name in (p.slurm_user, *p.admins))
+
+    def authorize(self, caller_uid: int, user: UserInfo) -> None:
+        if caller_uid != user.uid and not self.may_mint_for_others(caller_uid):
+            raise PermissionDenied(
+                f"{_who(caller_uid)} may not mint a token for {user.name!r} "
+                "(only root, the Slurm user and configured admins may)"
+            )
+        if self.is_privileged(user) and not self.config.producer.allow_privileged_users:
+            raise PermissionDenied(
+                f"refusing to mint for privileged user {user.name!r}: such a token can act as "
+                "any user over slurmrestd (set producer.allow_privileged_users to allow it)"
+            )
+
+    # -- minting ------------------------------------------------------------
+
+    def mint(
+        self,
+        user_name: str,
+        caller_uid: int,
+        lifetime: int | None = None,
+        renew_until: int | None = None,
+        reuse: bool = False,
+        actor: str = "cli",
+    ) -> tuple[TokenRecord, bool]:
+        """Mint (or, with ``reuse``, keep) a token; returns (record, minted_now)."""
+        user = lookup(user_name)
+        self.authorize(caller_uid, user)
+        now = int(self.clock.now())
+        key = self.key_source.load()
+        if reuse:
+            existing = self.reusable(user, key, now)
+            if existing is not None:
+                self._write_login(existing)
+                return existing, False
+        t = self.config.token
+        lifetime = lifetime or t.lifetime
+        limit = now + (renew_until or t.renew_until)
+        exp = min(now + lifetime, limit)
+        token = key.sign(build_claims(user, now, exp))
+        record = TokenRecord(
+            token_id=secrets.token_hex(8),
+            user=user.name,
+            uid=user.uid,
+            gid=user.gid,
+            first_issued=now,
+            iat=now,
+            exp=exp,
+            renew_until=limit,
+            lifetime=lifetime,
+            key_id=key.key_id,
+            token=token,
+        )
+        self.store.save(record, "minted", actor, _who(caller_uid))
+        if self.is_privileged(user):
+            log.warning(
+                "minted a privileged token for %s (token id %s)", user.name, record.token_id
+            )
+        else:
+            log.info("minted token %s for %s, exp %d", record.token_id, user.name, exp)
+        self._write_login(record)
+        return record, True
+
+    def reusable(self, user: UserInfo, key: Any, now: int) -> TokenRecord | None:
+        """The stored token if it is still good for a while and signed by today's key."""
+        record = self.store.current(user.name)
+        if record is None or record.state != ACTIVE or record.uid != user.uid:
+            return None
+        t = self.config.token
+        margin = max(t.renew_before, int(record.lifetime * t.renew_fraction))
+        if now >= record.exp - margin or now >= record.renew_until:
+            return None
+        if record.key_id != key.key_id:
+            return None
+        try:
+            claims = key.verify(record.token)
+        except TokenInvalid:
+            return None
+        return record if claims.get("sun") == user.name else None
+
+    def _write_login(self, record: TokenRecord) -> None:
+        if self.login_dir is not None:
+            try:
+                write_login_token(self.login_dir, record)
+            except OSError as exc:
+                raise TokenlifeError(
+                    f"cannot write the token file under {self.login_dir}: {exc.strerror}"
+                ) from exc
+
+
+def _who(uid: int) -> str:
+    try:
+        return name_of(uid)
+    except UserError:
+        return f"uid {uid}"
+
+
+def caller_uid() -> int:
+    return os.getuid()

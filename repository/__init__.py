@@ -1,0 +1,1 @@
+"""repository: the SQL token store and (later) Kerberos-style renewal."""

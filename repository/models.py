@@ -1,0 +1,84 @@
+"""SQLAlchemy models of the token store (schema version 1)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, returns aware UTC: SQLite drops time zones."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TokenRow(Base):
+    """A user's token.  ``token`` is the secret the transfer agent delivers."""
+
+    __tablename__ = "tokens"
+    __table_args__ = (
+        CheckConstraint("exp <= renew_until", name="ck_tokens_exp_within_renew_until"),
+        CheckConstraint("iat <= exp", name="ck_tokens_iat_before_exp"),
+        CheckConstraint("lifetime > 0", name="ck_tokens_lifetime_positive"),
+        CheckConstraint("state IN ('active', 'expired', 'revoked')", name="ck_tokens_state"),
+        Index("ix_tokens_user_state", "user", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_id: Mapped[str] = mapped_column(String(32), unique=True)
+    user: Mapped[str] = mapped_column(String(32))
+    uid: Mapped[int] = mapped_column(BigInteger)
+    gid: Mapped[int] = mapped_column(BigInteger)
+    first_issued: Mapped[datetime] = mapped_column(UTCDateTime)
+    iat: Mapped[datetime] = mapped_column(UTCDateTime)
+    exp: Mapped[datetime] = mapped_column(UTCDateTime)
+    renew_until: Mapped[datetime] = mapped_column(UTCDateTime)
+    lifetime: Mapped[int] = mapped_column(Integer)
+    key_id: Mapped[str] = mapped_column(String(64), default="")
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), default="active")
+    token: Mapped[str] = mapped_column(Text)
+
+
+class EventRow(Base):
+    """Audit trail: what happened to which token, by whom, why.  Never the token."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    event: Mapped[str] = mapped_column(String(16))
+    user: Mapped[str] = mapped_column(String(32))
+    token_id: Mapped[str | None] = mapped_column(ForeignKey("tokens.token_id"), nullable=True)
+    version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text, default="")

@@ -1,0 +1,199 @@
+"""The SQL token store behind the TokenStore interface.
+
+One engine per process; each public method is one transaction.  Callers get
+frozen TokenRecords, never ORM objects, and only StoreError crosses this
+boundary.  Records that the login path left in the spool are ingested first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from producer.spool import SpoolStore
+from repository.models import Base, EventRow, TokenRow
+from tokenlife.errors import StoreError
+from tokenlife.model import ACTIVE, TokenRecord
+
+log = logging.getLogger(__name__)
+
+
+def _dt(epoch: int) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def _epoch(value: datetime) -> int:
+    return int(value.timestamp())
+
+
+def _record(row: TokenRow) -> TokenRecord:
+    return TokenRecord(
+        token_id=row.token_id,
+        user=row.user,
+        uid=row.uid,
+        gid=row.gid,
+        first_issued=_epoch(row.first_issued),
+        iat=_epoch(row.iat),
+        exp=_epoch(row.exp),
+        renew_until=_epoch(row.renew_until),
+        lifetime=row.lifetime,
+        key_id=row.key_id,
+        version=row.version,
+        state=row.state,
+        token=row.token,
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
+    # WAL lets a timer run and a manual run read while one writes; the busy
+    # timeout makes the second writer wait instead of failing at once.
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        engine = create_engine(url)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class SqlTokenStore:
+    def __init__(self, url: str, spool_dir: Path | None = None) -> None:
+        try:
+            self.engine = make_engine(url)
+            Base.metadata.create_all(self.engine)
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreError(f"cannot open the token store: {_reason(exc)}") from exc
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.spool = SpoolStore(spool_dir) if spool_dir else None
+        if self.spool is not None:
+            self.ingest_spool()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except SQLAlchemyError as exc:
+            raise StoreError(f"token store failed: {_reason(exc)}") from exc
+
+    def current(self, user: str) -> TokenRecord | None:
+        with self._session() as s:
+            row = s.scalars(
+                select(TokenRow)
+                .where(TokenRow.user == user, TokenRow.state == ACTIVE)
+                .order_by(TokenRow.id.desc())
+                .limit(1)
+            ).first()
+            return None if row is None else _record(row)
+
+    def records(self, user: str | None = None) -> list[TokenRecord]:
+        with self._session() as s:
+            query = select(TokenRow).order_by(TokenRow.user, TokenRow.id)
+            if user:
+                query = query.where(TokenRow.user == user)
+            return [_record(r) for r in s.scalars(query)]
+
+    def save(self, record: TokenRecord, event: str, actor: str, reason: str = "") -> None:
+        with self._session() as s:
+            self._save(s, record, event, actor, reason)
+
+    def _save(self, s: Session, record: TokenRecord, event: str, actor: str, reason: str) -> None:
+        # A new token supersedes the user's previous ones (one current token each).
+        for old in s.scalars(
+            select(TokenRow).where(TokenRow.user == record.user, TokenRow.state == ACTIVE)
+        ):
+            if old.token_id != record.token_id:
+                old.state = "expired"
+        s.add(
+            TokenRow(
+                token_id=record.token_id,
+                user=record.user,
+                uid=record.uid,
+                gid=record.gid,
+                first_issued=_dt(record.first_issued),
+                iat=_dt(record.iat),
+                exp=_dt(record.exp),
+                renew_until=_dt(record.renew_until),
+                lifetime=record.lifetime,
+                key_id=record.key_id,
+                version=record.version,
+                state=record.state,
+                token=record.token,
+            )
+        )
+        s.flush()
+        s.add(
+            EventRow(
+                at=_dt(record.iat),
+                event=event,
+                user=record.user,
+                token_id=record.token_id,
+                version=record.version,
+                actor=actor,
+                reason=reason,
+            )
+        )
+
+    def ingest_spool(self) -> int:
+        """Import login-path records not yet stored (idempotent by token id)."""
+        assert self.spool is not None
+        count = 0
+        for path, data in self.spool.pending():
+            try:
+                record = TokenRecord.from_spool(data)
+            except (KeyError, TypeError):
+                log.warning("ignoring malformed spool record %s", path.name)
+                continue
+            with self._session() as s:
+                known = s.scalar(select(TokenRow.id).where(TokenRow.token_id == record.token_id))
+                if known is None:
+                    self._save(
+                        s,
+                        record,
+                        str(data.get("event", "minted")),
+                        str(data.get("actor", "pam")),
+                        str(data.get("reason", "")),
+                    )
+                    count += 1
+        return count
+
+    def events(self, user: str | None = None) -> list[dict[str, object]]:
+        with self._session() as s:
+            query = select(EventRow).order_by(EventRow.id)
+            if user:
+                query = query.where(EventRow.user == user)
+            return [
+                {
+                    "at": _epoch(e.at),
+                    "event": e.event,
+                    "user": e.user,
+                    "token_id": e.token_id,
+                    "version": e.version,
+                    "actor": e.actor,
+                    "reason": e.reason,
+                }
+                for e in s.scalars(query)
+            ]
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of the driver's message, without SQL or parameters."""
+    orig = getattr(exc, "orig", None) or exc
+    return str(orig).splitlines()[0] if str(orig) else type(orig).__name__

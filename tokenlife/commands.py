@@ -1,0 +1,127 @@
+"""Argument parsing and the top-level error handler of ``tokenlife``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from tokenlife import __version__
+from tokenlife.durations import parse_duration
+from tokenlife.errors import TokenlifeError, UsageError
+
+log = logging.getLogger("tokenlife")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other error; usage is in --help.
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="tokenlife",
+        description="Kerberos-style lifecycle for Slurm JWTs: mint, store, renew, deliver.",
+        epilog="Exit status: 0 ok, 1 failed, 2 usage/config, 3 key, 4 user, 5 permission, "
+        "6 store, 7 transport, 8 renewal refused, 9 token invalid.  See docs/commands.md.",
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="config file (default: $TOKENLIFE_CONFIG or /etc/tokenlife/tokenlife.toml)",
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    p.add_argument("--version", action="version", version=f"tokenlife {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    m = sub.add_parser(
+        "mint",
+        help="mint a token for USER, store it, write the login token file",
+        description="Mint a Slurm JWT for USER (yourself unless you are root, "
+        "the Slurm user or an admin), store it and write "
+        "<login.token_dir>/<uid>/slurm_jwt.  The token is printed only with --print.",
+    )
+    m.add_argument("user", help="user name (must exist in the user database)")
+    m.add_argument("--lifetime", type=_duration, help="token lifetime (default token.lifetime)")
+    m.add_argument(
+        "--renew-until", type=_duration, help="renewal limit from now (default token.renew_until)"
+    )
+    m.add_argument("--print", action="store_true", help="print the token on stdout")
+    m.add_argument("--json", action="store_true", help="print the record as JSON")
+    m.add_argument(
+        "--local",
+        action="store_true",
+        help="mint in this process even if the mint service is running",
+    )
+
+    pam = sub.add_parser("pam", help="pam_exec entry (reads PAM_USER, PAM_TYPE)")
+    pam.add_argument("--socket", help="the mint service's socket")
+
+    ls = sub.add_parser("list", help="stored tokens (never the token itself)")
+    ls.add_argument("--user")
+    ls.add_argument("--json", action="store_true")
+
+    serve = sub.add_parser("serve", help="run the service (mint socket) in the foreground")
+    serve.add_argument("--socket", type=Path, help="override producer.socket")
+
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    cfg_sub.required = True
+    check = cfg_sub.add_parser("check", help="validate the config and show the backends in use")
+    check.add_argument("--json", action="store_true")
+
+    sub.add_parser("jwks", help="print the JWKS (public key) for Slurm's jwks= (RS256 keys)")
+    demo = sub.add_parser("demo", help="the lifecycle on this machine, in a temp dir, narrated")
+    demo.add_argument("--keep", action="store_true", help="keep the temp dir")
+    return p
+
+
+def _handler(command: str) -> Callable[[argparse.Namespace], int]:
+    from tokenlife import handlers
+
+    return {
+        "mint": handlers.mint,
+        "list": handlers.list_tokens,
+        "serve": handlers.serve,
+        "config": handlers.config_check,
+        "jwks": handlers.jwks,
+        "demo": handlers.demo,
+    }[command]
+
+
+def run(argv: list[str]) -> int:
+    command = "tokenlife"
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        command = f"tokenlife-{args.command}"
+        from tokenlife import logsetup
+
+        logsetup.setup(args.verbose, args.debug)
+        return _handler(args.command)(args)
+    except TokenlifeError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{command}: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,419 @@
+"""Configuration: one TOML file read into frozen, typed, validated objects.
+
+Everything is checked at load time; an error is one line naming the file,
+the key and the reason (``tokenlife.toml: token.lifetime: ...``).  Unknown
+keys are errors, so a typo never silently falls back to a default.  Only the
+standard library is imported: the PAM login path loads this module.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tokenlife.durations import parse_duration
+from tokenlife.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/tokenlife/tokenlife.toml")
+ENV_VAR = "TOKENLIFE_CONFIG"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    source: str = "file"
+    path: Path = Path("/etc/slurm/jwt_hs256.key")
+    algorithm: str = "HS256"
+    kid: str | None = None
+    #: users besides root and the service user that may own the key file
+    owners: tuple[str, ...] = ("slurm",)
+    secret_id: str | None = None
+    version_id: str | None = None
+    version_stage: str | None = None
+    region: str | None = None
+    endpoint_url: str | None = None
+    cache_path: Path = Path("/var/lib/tokenlife/aws-key.cache")
+    refresh: int = 3600
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    lifetime: int = 2 * 86400
+    renew_until: int = 7 * 86400
+    renew_before: int = 3600
+    #: a token is due in the last ``renew_fraction`` of its lifetime
+    renew_fraction: float = 0.25
+
+
+@dataclass(frozen=True)
+class ProducerConfig:
+    slurm_user: str = "slurm"
+    #: root/SlurmUser tokens can act as anyone over slurmrestd: opt-in only
+    allow_privileged_users: bool = False
+    #: accounts, besides root and slurm_user, allowed to mint for others
+    admins: tuple[str, ...] = ()
+    #: the mint service's socket (the PAM line's --socket must match)
+    socket: Path = Path("/run/tokenlife/mint.sock")
+
+
+@dataclass(frozen=True)
+class PamConfig:
+    #: true: a failed mint fails the login (only if pam_exec is "required")
+    required: bool = False
+    #: users below this uid (system accounts) get no token at login
+    min_uid: int = 1000
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = "sqlite:////var/lib/tokenlife/tokenlife.db"
+    #: where the login path leaves its records for the repository to ingest
+    spool_dir: Path = Path("/var/lib/tokenlife/spool")
+
+
+@dataclass(frozen=True)
+class LoginConfig:
+    token_dir: Path = Path("/run/tokenlife")
+
+
+@dataclass(frozen=True)
+class SshConfig:
+    user: str = "root"
+    identity_file: Path = Path("/etc/tokenlife/id_ed25519")
+    known_hosts: Path = Path("/etc/tokenlife/known_hosts")
+    port: int = 22
+    concurrency: int = 32
+    ssh_config: Path | None = None
+    connect_timeout: int = 10
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    transport: str = "ssh"
+    remote_dir: Path = Path("/run/tokenlife")
+    jobs: str = "slurm"
+    root: Path | None = None
+    ssh: SshConfig = field(default_factory=SshConfig)
+    static: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    token_dir: Path = Path("/run/tokenlife")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    interval: int = 300
+    metrics: str = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None = None
+    key: KeyConfig = field(default_factory=KeyConfig)
+    token: TokenConfig = field(default_factory=TokenConfig)
+    producer: ProducerConfig = field(default_factory=ProducerConfig)
+    pam: PamConfig = field(default_factory=PamConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    login: LoginConfig = field(default_factory=LoginConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+# --- value converters: each raises ValueError with a short reason ----------
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})?")
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    if any(ord(c) < 32 for c in value):
+        raise ValueError("control characters are not allowed")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(repr(c) for c in choices)}")
+        return str(value)
+
+    return convert
+
+
+def _abspath(value: Any) -> Path:
+    text = _str(value)
+    if not text.startswith("/"):
+        raise ValueError("expected an absolute path")
+    if "/../" in f"{text}/":
+        raise ValueError("'..' is not allowed in paths")
+    return Path(text)
+
+
+def _int(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected an integer")
+        if not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}")
+        return value
+
+    return convert
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _duration(value: Any) -> int:
+    if not isinstance(value, str | int):
+        raise ValueError("expected a duration such as 90, 30m, 1h, 2d or 1w")
+    return parse_duration(value)
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ValueError("expected a number between 0 and 1 (exclusive)")
+    return float(value)
+
+
+def _username(value: Any) -> str:
+    text = _str(value)
+    if not _NAME.fullmatch(text):
+        raise ValueError(f"{text!r} is not a valid user name")
+    return text
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of user names")
+    return tuple(_username(v) for v in value)
+
+
+def _hosts(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of node names")
+    for host in value:
+        if not _HOST.fullmatch(host):
+            raise ValueError(f"{host!r} is not a valid node name")
+    return tuple(value)
+
+
+def _url(value: Any) -> str:
+    text = _str(value)
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
+        raise ValueError("expected an http:// or https:// URL")
+    return text
+
+
+def _store_url(value: Any) -> str:
+    text = _str(value)
+    if not re.match(r"(sqlite|postgresql)(\+\w+)?://", text):
+        raise ValueError("expected sqlite:///PATH or postgresql+psycopg://...")
+    return text
+
+
+def _listen(value: Any) -> str:
+    if value == "":
+        return ""
+    text = _str(value)
+    host, sep, port = text.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        ok = bool(sep) and 0 < int(port) < 65536
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError('expected ADDRESS:PORT such as "127.0.0.1:9464", or ""')
+    return text
+
+
+# --- the loader -------------------------------------------------------------
+
+
+class _Table:
+    """One TOML table being read: takes keys, then complains about the rest."""
+
+    def __init__(self, source: str, prefix: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: {prefix}: expected a table")
+        self.source, self.prefix, self.data = source, prefix, dict(data)
+
+    def where(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def take(self, key: str, convert: Callable[[Any], T], default: T) -> T:
+        if key not in self.data:
+            return default
+        try:
+            return convert(self.data.pop(key))
+        except ValueError as exc:
+            raise ConfigError(f"{self.source}: {self.where(key)}: {exc}") from None
+
+    def sub(self, key: str) -> _Table:
+        return _Table(self.source, self.where(key), self.data.pop(key, {}))
+
+    def done(self) -> None:
+        for key in self.data:
+            raise ConfigError(f"{self.source}: {self.where(key)}: unknown key")
+
+
+def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = None) -> Config:
+    top = _Table(source, "", data)
+    d = Config()
+
+    t = top.sub("key")
+    kd = d.key
+    key = KeyConfig(
+        source=t.take("source", _choice("file", "aws"), kd.source),
+        path=t.take("path", _abspath, kd.path),
+        algorithm=t.take("algorithm", _choice("HS256", "RS256"), kd.algorithm),
+        kid=t.take("kid", _str, kd.kid),
+        owners=t.take("owners", _names, kd.owners),
+        secret_id=t.take("secret_id", _str, kd.secret_id),
+        version_id=t.take("version_id", _str, kd.version_id),
+        version_stage=t.take("version_stage", _str, kd.version_stage),
+        region=t.take("region", _str, kd.region),
+        endpoint_url=t.take("endpoint_url", _url, kd.endpoint_url),
+        cache_path=t.take("cache_path", _abspath, kd.cache_path),
+        refresh=t.take("refresh", _duration, kd.refresh),
+    )
+    t.done()
+    if key.source == "aws":
+        if key.secret_id is None:
+            raise ConfigError(f"{source}: key.secret_id: required when key.source is 'aws'")
+        if key.version_id and key.version_stage:
+            raise ConfigError(
+                f"{source}: key.version_id: give version_id or version_stage, not both"
+            )
+        if key.algorithm != "HS256":
+            raise ConfigError(f"{source}: key.algorithm: the aws source holds an HS256 key only")
+
+    t = top.sub("token")
+    td = d.token
+    token = TokenConfig(
+        lifetime=t.take("lifetime", _duration, td.lifetime),
+        renew_until=t.take("renew_until", _duration, td.renew_until),
+        renew_before=t.take("renew_before", _duration, td.renew_before),
+        renew_fraction=t.take("renew_fraction", _fraction, td.renew_fraction),
+    )
+    t.done()
+    if token.renew_until < token.lifetime:
+        raise ConfigError(f"{source}: token.renew_until: must not be shorter than token.lifetime")
+
+    t = top.sub("producer")
+    pd = d.producer
+    producer = ProducerConfig(
+        slurm_user=t.take("slurm_user", _username, pd.slurm_user),
+        allow_privileged_users=t.take("allow_privileged_users", _bool, pd.allow_privileged_users),
+        admins=t.take("admins", _names, pd.admins),
+        socket=t.take("socket", _abspath, pd.socket),
+    )
+    t.done()
+
+    t = top.sub("pam")
+    pam = PamConfig(
+        required=t.take("required", _bool, d.pam.required),
+        min_uid=t.take("min_uid", _int(0, 2**31), d.pam.min_uid),
+    )
+    t.done()
+
+    t = top.sub("store")
+    store = StoreConfig(
+        url=t.take("url", _store_url, d.store.url),
+        spool_dir=t.take("spool_dir", _abspath, d.store.spool_dir),
+    )
+    t.done()
+
+    t = top.sub("login")
+    login = LoginConfig(token_dir=t.take("token_dir", _abspath, d.login.token_dir))
+    t.done()
+
+    t = top.sub("delivery")
+    dd = d.delivery
+    s = t.sub("ssh")
+    sd = dd.ssh
+    ssh = SshConfig(
+        user=s.take("user", _username, sd.user),
+        identity_file=s.take("identity_file", _abspath, sd.identity_file),
+        known_hosts=s.take("known_hosts", _abspath, sd.known_hosts),
+        port=s.take("port", _int(1, 65535), sd.port),
+        concurrency=s.take("concurrency", _int(1, 1024), sd.concurrency),
+        ssh_config=s.take("ssh_config", _abspath, sd.ssh_config),
+        connect_timeout=s.take("connect_timeout", _duration, sd.connect_timeout),
+    )
+    s.done()
+    st = t.sub("static")
+    empty: tuple[str, ...] = ()
+    static = tuple((_user_key(st, u), st.take(u, _hosts, empty)) for u in sorted(st.data))
+    st.done()
+    delivery = DeliveryConfig(
+        transport=t.take("transport", _choice("ssh", "local"), dd.transport),
+        remote_dir=t.take("remote_dir", _abspath, dd.remote_dir),
+        jobs=t.take("jobs", _choice("slurm", "static"), dd.jobs),
+        root=t.take("root", _abspath, dd.root),
+        ssh=ssh,
+        static=static,
+    )
+    t.done()
+    if delivery.transport == "local" and delivery.root is None:
+        raise ConfigError(f"{source}: delivery.root: required when delivery.transport is 'local'")
+
+    t = top.sub("engine")
+    engine = EngineConfig(token_dir=t.take("token_dir", _abspath, d.engine.token_dir))
+    t.done()
+
+    t = top.sub("serve")
+    serve = ServeConfig(
+        interval=t.take("interval", _duration, d.serve.interval),
+        metrics=t.take("metrics", _listen, d.serve.metrics),
+    )
+    t.done()
+    top.done()
+    return Config(path, key, token, producer, pam, store, login, delivery, engine, serve)
+
+
+def _user_key(table: _Table, name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"{table.source}: {table.where(name)}: not a valid user name")
+    return name
+
+
+def load(path: Path | None = None) -> Config:
+    """Load the config from ``path``, $TOKENLIFE_CONFIG or the default path.
+
+    A missing default file means built-in defaults; a missing file that was
+    asked for explicitly is an error.
+    """
+    explicit = path is not None or bool(os.environ.get(ENV_VAR))
+    if path is None:
+        path = Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: no such file") from None
+        return Config()
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse(data, str(path), path)

@@ -1,0 +1,183 @@
+"""What each ``tokenlife`` command does (imported only after parsing)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+from tokenlife import config as configmod
+from tokenlife.config import Config
+from tokenlife.errors import ConfigError, TokenlifeError
+from tokenlife.model import TokenRecord
+from tokenlife.users import validate_name
+
+
+def _iso(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return configmod.load(args.config)
+
+
+def _store(config: Config) -> Any:
+    from repository.store import SqlTokenStore
+
+    spool = config.store.spool_dir if config.store.spool_dir.is_dir() else None
+    return SqlTokenStore(config.store.url, spool)
+
+
+def _minter(config: Config) -> Any:
+    from producer.keys import make_key_source
+    from producer.mint import Minter
+
+    return Minter(
+        config, make_key_source(config.key), _store(config), login_dir=config.login.token_dir
+    )
+
+
+def mint(args: argparse.Namespace) -> int:
+    validate_name(args.user)
+    config = _config(args)
+    answer = None
+    if not args.local:
+        from producer.client import ask
+
+        request = {
+            "op": "mint",
+            "user": args.user,
+            "lifetime": args.lifetime,
+            "renew_until": args.renew_until,
+            "print": args.print,
+        }
+        answer = ask(str(config.producer.socket), request)
+    if answer is not None:
+        if not answer.get("ok"):
+            error = TokenlifeError(str(answer.get("error")))
+            error.exit_code = int(answer.get("code", 1))
+            raise error
+        public, token = answer["record"], answer.get("token", "")
+    else:
+        record, _ = _minter(config).mint(args.user, os.getuid(), args.lifetime, args.renew_until)
+        public, token = record.public(), record.token
+    if args.json:
+        print(json.dumps({**public, **({"token": token} if args.print else {})}, indent=2))
+    elif args.print:
+        print(token)
+    else:
+        print(
+            f"minted token {public['token_id']} for {public['user']}: expires "
+            f"{_iso(public['exp'])}, renewable until {_iso(public['renew_until'])}"
+        )
+    return 0
+
+
+def list_tokens(args: argparse.Namespace) -> int:
+    if args.user:
+        validate_name(args.user)
+    records: list[TokenRecord] = _store(_config(args)).records(args.user)
+    if args.json:
+        print(json.dumps([r.public() for r in records], indent=2))
+        return 0
+    print(f"{'USER':<16} {'STATE':<8} {'VER':>3} {'EXPIRES':<20} {'RENEW-UNTIL':<20} TOKEN-ID")
+    for r in records:
+        print(
+            f"{r.user:<16} {r.state:<8} {r.version:>3} {_iso(r.exp):<20} "
+            f"{_iso(r.renew_until):<20} {r.token_id}"
+        )
+    return 0
+
+
+def config_check(args: argparse.Namespace) -> int:
+    from producer.keys import make_key_source
+
+    config = _config(args)
+    source = make_key_source(config.key)
+    report: dict[str, Any] = {
+        "config": str(config.path or f"{configmod.DEFAULT_PATH} (absent: built-in defaults)"),
+        "key_source": source.describe(),
+        "store": config.store.url.split("@")[-1] if "@" in config.store.url else config.store.url,
+        "login_token_dir": str(config.login.token_dir),
+        "mint_socket": str(config.producer.socket),
+    }
+    problems = []
+    try:
+        report["key_id"] = source.load().key_id
+    except TokenlifeError as exc:
+        problems.append(f"key: {exc}")
+    report["problems"] = problems
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, value in report.items():
+            if name != "problems":
+                print(f"{name}: {value}")
+        for problem in problems:
+            print(f"problem: {problem}")
+        if not problems:
+            print("ok")
+    return 1 if problems else 0
+
+
+def jwks(args: argparse.Namespace) -> int:
+    from producer.keys import FileKeySource, RS256Key
+
+    config = _config(args)
+    if config.key.algorithm != "RS256":
+        raise ConfigError(f"{config.path}: key.algorithm: jwks needs an RS256 key")
+    key = FileKeySource(config.key).load()
+    assert isinstance(key, RS256Key)
+    print(json.dumps(key.jwks(), indent=2))
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from producer.service import MintService, listen
+
+    config = _config(args)
+    minter = _minter(config)
+    minter.key_source.load()  # fail at start, not at the first login
+    server = listen(args.socket or config.producer.socket, MintService(config, minter))
+    stop = threading.Event()
+
+    def on_term(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    thread = threading.Thread(target=server.serve_forever, name="mint-socket", daemon=True)
+    thread.start()
+    _notify("READY=1")
+    print(f"tokenlife-serve: listening on {server.server_address}", file=sys.stderr, flush=True)
+    while not stop.wait(1.0):
+        pass
+    _notify("STOPPING=1")
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
+def _notify(state: str) -> None:
+    """sd_notify without a dependency: one datagram to $NOTIFY_SOCKET."""
+    import socket
+
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(state.encode())
+
+
+def demo(args: argparse.Namespace) -> int:
+    from tokenlife.demo import run_demo
+
+    return run_demo(keep=args.keep)

@@ -1,0 +1,1 @@
+"""transfer: deliver tokens to the worker nodes (see issue: transfer)."""
