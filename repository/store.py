@@ -75,20 +75,29 @@ def make_engine(url: str) -> Engine:
 
 class SqlTokenStore:
     def __init__(self, url: str, spool_dir: Path | None = None) -> None:
-        try:
-            self.engine = make_engine(url)
-            Base.metadata.create_all(self.engine)
-        except (SQLAlchemyError, OSError) as exc:
-            raise StoreError(f"cannot open the token store: {_reason(exc)}") from exc
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Nothing is opened or created until the first operation, so a
+        # command refused for other reasons leaves no database behind.
+        self.url = url
         self.spool = SpoolStore(spool_dir) if spool_dir else None
-        if self.spool is not None:
-            self.ingest_spool()
+        self._sessions: sessionmaker[Session] | None = None
+
+    def _open(self) -> sessionmaker[Session]:
+        if self._sessions is None:
+            try:
+                self.engine = make_engine(self.url)
+                Base.metadata.create_all(self.engine)
+            except (SQLAlchemyError, OSError) as exc:
+                raise StoreError(f"cannot open the token store: {_reason(exc)}") from exc
+            self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+            if self.spool is not None:
+                self.ingest_spool()
+        return self._sessions
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
+        sessions = self._open()
         try:
-            with self._sessions.begin() as session:
+            with sessions.begin() as session:
                 yield session
         except SQLAlchemyError as exc:
             raise StoreError(f"token store failed: {_reason(exc)}") from exc

@@ -51,7 +51,11 @@ def run_cli(
     full_env = {k: v for k, v in os.environ.items() if k != "TOKENLIFE_CONFIG"}
     full_env.update(env or {})
     return subprocess.run(
-        [tokenlife_bin(), *args], capture_output=True, text=True, env=full_env, input=input,
+        [tokenlife_bin(), *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        input=input,
         timeout=120,
     )
 

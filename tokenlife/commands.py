@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from tokenlife import __version__
+from tokenlife.cli import _subcommand
 from tokenlife.durations import parse_duration
 from tokenlife.errors import TokenlifeError, UsageError
 
@@ -105,11 +106,11 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
 
 
 def run(argv: list[str]) -> int:
-    command = "tokenlife"
+    sub = _subcommand(argv)
+    command = f"tokenlife-{sub}" if sub else "tokenlife"
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        command = f"tokenlife-{args.command}"
         from tokenlife import logsetup
 
         logsetup.setup(args.verbose, args.debug)

@@ -64,6 +64,8 @@ def mint(args: argparse.Namespace) -> int:
             raise error
         public, token = answer["record"], answer.get("token", "")
     else:
+        # The store opens lazily, after the user, the permission and the key
+        # were checked: nothing is written for a request that cannot succeed.
         record, _ = _minter(config).mint(args.user, os.getuid(), args.lifetime, args.renew_until)
         public, token = record.public(), record.token
     if args.json:

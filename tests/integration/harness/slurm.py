@@ -1,20 +1,19 @@
 """A real single-node Slurm 22.05 cluster on loopback, for integration tests.
 
 No systemd: every daemon is a child of this process, run in the foreground
-(``-D``/``-F``) so it is reaped and can be stopped reliably, with its pid file,
-state and logs under ``workdir``. A private munged serves a socket in a
-0750 munge:slurm directory: root and the Slurm daemons can use munge,
-ordinary users cannot, so their clients must authenticate with JWT.
-Needs root and the Debian packages slurmctld, slurmd, slurmrestd,
-slurm-client, slurm-wlm-jwt-plugin and munge.
+(``-D``/``-F``) so it is reaped and stopped reliably, with pid files, state and
+logs under ``workdir``. A private munged serves a socket in a 0750 munge:slurm
+directory: root and the Slurm daemons can use munge, ordinary users cannot, so
+their clients must authenticate with JWT. Needs root and the Debian packages
+slurmctld, slurmd, slurmrestd, slurm-client, slurm-wlm-jwt-plugin and munge.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
-import shutil
 import socket
 import stat
 import subprocess
@@ -25,11 +24,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any, Self
 
 SLURM_USER = "slurm"
 PARTITION = "debug"
 PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+Completed = subprocess.CompletedProcess[str]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -40,9 +40,23 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def setpriv(user: str) -> list[str]:
-    """argv prefix that runs a command as ``user`` with its own groups only."""
+    """argv prefix that runs a command as ``user`` with that user's groups only."""
     pw = pwd.getpwnam(user)
     return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups"]
+
+
+def _run(argv: list[str], env: dict[str, str], cwd: str, timeout: float) -> Completed:
+    return subprocess.run(
+        argv, env=env, cwd=cwd, timeout=timeout, capture_output=True, text=True, check=False
+    )
+
+
+def _write_private(path: Path, data: bytes, owner: pwd.struct_passwd) -> None:
+    """Write a key file readable by its owner only, never briefly by others."""
+    path.unlink(missing_ok=True)
+    with open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o400)) as fh:
+        fh.write(data)
+    os.chown(path, owner.pw_uid, owner.pw_gid)
 
 
 def _poll(cond: Callable[[], bool], timeout: float) -> bool:
@@ -56,7 +70,7 @@ def _poll(cond: Callable[[], bool], timeout: float) -> bool:
 
 
 class SlurmError(RuntimeError):
-    """The cluster failed to start or a harness command failed."""
+    """The cluster failed to start, or a harness command failed."""
 
 
 class SlurmCluster:
@@ -72,13 +86,10 @@ class SlurmCluster:
         node_name: str | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
-        self.jwt_key_source, self.jwks_source = jwt_key, jwks
-        self.hooks = {
-            "TaskProlog": task_prolog,
-            "Epilog": epilog,
-            "PrologSlurmctld": prolog_slurmctld,
-        }
-        self.extra_conf = extra_conf
+        self.jwt_key, self.jwks = jwt_key, jwks
+        self.hooks = {"TaskProlog": task_prolog, "Epilog": epilog}
+        self.hooks["PrologSlurmctld"] = prolog_slurmctld
+        self.extra_conf = extra_conf  # appended last: a repeated key overrides ours
         # slurmctld only runs where SlurmctldHost names this very host.
         self.host = socket.gethostname().split(".")[0]
         self.node_name = node_name or self.host
@@ -88,9 +99,7 @@ class SlurmCluster:
         self.rest_port: int | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    # -- lifecycle ---------------------------------------------------------
-
-    def __enter__(self) -> SlurmCluster:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -100,59 +109,49 @@ class SlurmCluster:
         self.stop()
 
     def start(self) -> None:
+        conf = str(self.conf_path)
         try:
             self._prepare()
             self._spawn(
-                "munged", [*setpriv("munge"), "/usr/sbin/munged", "-F", *self._munged_args()]
+                "munged", [*setpriv("munge"), "/usr/sbin/munged", "-F", *self._munge_args()]
             )
             self._wait("munged socket", self.munge_socket.exists, 10)
-            self._start_slurmctld()
-            self._spawn(
-                "slurmd",
-                ["/usr/sbin/slurmd", "-D", "-f", str(self.conf_path), "-N", self.node_name],
-            )
-            self._wait("node idle", self._ready, 30)
+            self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-f", conf])
+            self._spawn("slurmd", ["/usr/sbin/slurmd", "-D", "-f", conf, "-N", self.node_name])
+            self._wait("slurmctld up and node idle", self._ready, 30)
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
-        ctld = self._procs.get("slurmctld")
-        if ctld is not None and ctld.poll() is None:
-            # Cancel jobs first so no job or slurmstepd outlives the cluster.
-            self.root_run(["scancel", f"--partition={PARTITION}"], check=False, timeout=10)
-            _poll(lambda: not self.root_run(["squeue", "-h"], check=False).stdout.strip(), 10)
-        spool = self.workdir / "spool"
-        # A step's socket stays in the spool until its slurmstepd exits.
-        _poll(lambda: not spool.is_dir() or not any(p.is_socket() for p in spool.iterdir()), 10)
-        for name in ("slurmrestd", "slurmd", "slurmctld", "munged"):
-            self._terminate(name)
+        try:
+            ctld = self._procs.get("slurmctld")
+            if ctld is not None and ctld.poll() is None:
+                # Cancel jobs first so no job or slurmstepd outlives the cluster.
+                with contextlib.suppress(subprocess.SubprocessError):
+                    self.root_run(["scancel", f"--partition={PARTITION}"], check=False)
+                    _poll(lambda: not self.root_run(["squeue", "-h"], check=False).stdout, 10)
+            # A step keeps its socket in the spool until its slurmstepd exits.
+            spool = self.workdir / "spool"
+            _poll(lambda: not spool.is_dir() or not any(p.is_socket() for p in spool.iterdir()), 10)
+        finally:
+            for name in ("slurmrestd", "slurmd", "slurmctld", "munged"):
+                self._terminate(name)
 
     def restart_slurmctld(self) -> None:
-        """Re-copy the key files and restart slurmctld: it reads them only at start."""
+        """Copy the key files again and restart slurmctld: it reads them only at start."""
         self._terminate("slurmctld")
         self._install_keys()
-        self._start_slurmctld()
+        self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-f", str(self.conf_path)])
         self._wait("slurmctld up after restart", self._ready, 30)
 
     def start_rest(self, plugins: str = "openapi/v0.0.38") -> str:
-        # slurmrestd refuses root and SlurmUser; without slurmdbd only the
-        # explicitly named openapi plugins load.
+        """Start slurmrestd on a free loopback port; returns ``rest_url``."""
+        # It refuses root and SlurmUser; its default plugin set needs slurmdbd.
         self.rest_port = free_port()
-        argv = [
-            "setpriv",
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            "/usr/sbin/slurmrestd",
-            "-f",
-            str(self.conf_path),
-            "-a",
-            "rest_auth/jwt",
-            "-s",
-            plugins,
-            f"127.0.0.1:{self.rest_port}",
-        ]
+        nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        argv = [*nobody, "/usr/sbin/slurmrestd", "-f", str(self.conf_path)]
+        argv += ["-a", "rest_auth/jwt", "-s", plugins, f"127.0.0.1:{self.rest_port}"]
         self._spawn("slurmrestd", argv, {"SLURM_JWT": "daemon"})
         self._wait("slurmrestd port", self._rest_listening, 15)
         return self.rest_url
@@ -163,63 +162,43 @@ class SlurmCluster:
             raise SlurmError("slurmrestd is not started (call start_rest())")
         return f"http://127.0.0.1:{self.rest_port}"
 
-    # -- clients -------------------------------------------------------------
-
     def env(self) -> dict[str, str]:
         """Environment for Slurm clients pointed at this cluster."""
         return {"PATH": PATH, "LANG": "C.UTF-8", "SLURM_CONF": str(self.conf_path)}
 
-    def root_run(
-        self, argv: list[str], check: bool = True, timeout: float = 30
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a client as root: it authenticates with munge (no SLURM_JWT)."""
-        proc = subprocess.run(
-            argv, env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
-        )
+    def root_run(self, argv: list[str], check: bool = True, timeout: float = 30) -> Completed:
+        """Run a client as root: without SLURM_JWT it authenticates with munge."""
+        proc = _run(argv, self.env(), "/", timeout)
         if check and proc.returncode != 0:
             raise SlurmError(f"{argv} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
 
     def run_as(
         self, user: str, argv: list[str], env: dict[str, str] | None = None, timeout: float = 30
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` as an unprivileged ``user`` in its home, clean environment plus ``env``."""
+    ) -> Completed:
+        """Run ``argv`` as ``user`` in its home, with a clean environment plus ``env``."""
         pw = pwd.getpwnam(user)
-        full = {
-            **self.env(),
-            "HOME": pw.pw_dir,
-            "USER": user,
-            "LOGNAME": user,
-            "SHELL": pw.pw_shell,
-        }
-        full.update(env or {})
-        return subprocess.run(
-            [*setpriv(user), *argv],
-            env=full,
-            cwd=pw.pw_dir,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        full = {**self.env(), "HOME": pw.pw_dir, "USER": user, "LOGNAME": user}
+        full.update({"SHELL": pw.pw_shell, **(env or {})})
+        return _run([*setpriv(user), *argv], full, pw.pw_dir, timeout)
 
     def scontrol_token(self, user: str, lifespan: int) -> str:
-        out = self.root_run(
-            ["scontrol", "token", f"username={user}", f"lifespan={lifespan}"]
-        ).stdout
+        """A token minted by slurmctld itself (as root, over munge)."""
+        argv = ["scontrol", "token", f"username={user}", f"lifespan={lifespan}"]
+        out = self.root_run(argv).stdout
         for line in out.splitlines():
             if line.startswith("SLURM_JWT="):
                 return line.removeprefix("SLURM_JWT=").strip()
-        raise SlurmError(f"no SLURM_JWT in scontrol token output: {out!r}")
+        raise SlurmError("no SLURM_JWT= line in the output of scontrol token")
 
     def rest_get(self, path: str, user: str, token: str) -> tuple[int, dict[str, Any]]:
-        req = urllib.request.Request(
-            self.rest_url + path, headers={"X-SLURM-USER-NAME": user, "X-SLURM-USER-TOKEN": token}
-        )
+        """GET ``path`` from slurmrestd; returns (HTTP status, JSON body)."""
+        headers = {"X-SLURM-USER-NAME": user, "X-SLURM-USER-TOKEN": token}
+        req = urllib.request.Request(self.rest_url + path, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 status, body = int(resp.status), resp.read()
-        except urllib.error.HTTPError as err:  # 4xx/5xx still carry a JSON body
+        except urllib.error.HTTPError as err:  # 4xx/5xx carry a JSON body too
             status, body = err.code, err.read()
         try:
             data = json.loads(body) if body else {}
@@ -231,8 +210,8 @@ class SlurmCluster:
         """The tail of every daemon log, for printing when a test fails."""
         parts = []
         for path in sorted(self.log_dir.glob("*")) if self.log_dir.is_dir() else []:
-            # In -D mode a daemon's stderr repeats its log file: show the
-            # .out only when there is no log yet (early fatal errors).
+            # In -D mode a daemon's stderr (.out) repeats its log file: show
+            # the .out only while there is no log (early fatal errors).
             log = path.with_suffix(".log")
             if path.suffix == ".out" and log.exists() and log.stat().st_size:
                 continue
@@ -240,40 +219,33 @@ class SlurmCluster:
             parts.append(f"==> {path.name} <==\n" + "\n".join(tail))
         return "\n".join(parts)
 
-    # -- internals -----------------------------------------------------------
-
     def _prepare(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._make_traversable()
         slurm, munge = pwd.getpwnam(SLURM_USER), pwd.getpwnam("munge")
-        # (directory, owner uid, group gid, mode)
-        layout = [
-            ("etc", 0, 0, 0o755),
-            ("munge", munge.pw_uid, munge.pw_gid, 0o700),
-            # Group slurm lets slurmctld in; others stay out. munged wants
-            # the socket dir world-executable, hence its --force.
-            ("munge-socket", munge.pw_uid, slurm.pw_gid, 0o750),
-            ("state", slurm.pw_uid, slurm.pw_gid, 0o700),
-            ("spool", 0, 0, 0o755),
-            ("log", slurm.pw_uid, slurm.pw_gid, 0o755),
-            ("run", slurm.pw_uid, slurm.pw_gid, 0o755),
-        ]
-        for name, uid, gid, mode in layout:
-            d = self.workdir / name
-            d.mkdir(exist_ok=True)
-            os.chown(d, uid, gid)
-            d.chmod(mode)
-        key = self.workdir / "munge" / "munge.key"
-        key.write_bytes(os.urandom(128))
-        os.chown(key, munge.pw_uid, munge.pw_gid)
-        key.chmod(0o400)
+        layout = {  # name: (uid, gid, mode)
+            "etc": (0, 0, 0o755),
+            "munge": (munge.pw_uid, munge.pw_gid, 0o700),
+            # Group slurm lets slurmctld in, others stay out; munged wants
+            # this directory world-executable, hence its --force.
+            "munge-socket": (munge.pw_uid, slurm.pw_gid, 0o750),
+            "state": (slurm.pw_uid, slurm.pw_gid, 0o700),
+            "spool": (0, 0, 0o755),
+            "log": (slurm.pw_uid, slurm.pw_gid, 0o755),
+            "run": (slurm.pw_uid, slurm.pw_gid, 0o755),
+        }
+        for name, (uid, gid, mode) in layout.items():
+            (self.workdir / name).mkdir(exist_ok=True)
+            os.chown(self.workdir / name, uid, gid)
+            (self.workdir / name).chmod(mode)
+        _write_private(self.workdir / "munge" / "key", os.urandom(128), munge)
         self._install_keys()
         (self.workdir / "etc" / "plugstack.conf").write_text("")
         self.conf_path.write_text(self._slurm_conf())
 
     def _make_traversable(self) -> None:
-        # munged, slurmctld, slurmrestd (nobody) and job users all need to
-        # reach files under workdir; pytest and mktemp make 0700 dirs.
+        # munged, slurmctld, slurmrestd (nobody) and job users all reach files
+        # under workdir, but pytest and mktemp make 0700 directories.
         tmp = Path(tempfile.gettempdir()).resolve()
         self.workdir.chmod(0o755)
         for d in self.workdir.parents:
@@ -281,28 +253,19 @@ class SlurmCluster:
             if mode & stat.S_IXOTH:
                 continue
             if d != tmp and tmp not in d.parents:
-                raise SlurmError(
-                    f"{d} is not traversable by other users; put the workdir under {tmp}"
-                )
+                raise SlurmError(f"{d} is not traversable by others: put the workdir in {tmp}")
             d.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
     def _install_keys(self) -> None:
+        # slurmctld (as SlurmUser) reads them; nobody else may.
         slurm = pwd.getpwnam(SLURM_USER)
-        for src, name in ((self.jwt_key_source, "jwt.key"), (self.jwks_source, "jwks.json")):
-            if src is None:
-                continue
-            dst = self.workdir / "etc" / name
-            dst.unlink(missing_ok=True)
-            shutil.copyfile(src, dst)
-            os.chown(dst, slurm.pw_uid, slurm.pw_gid)
-            dst.chmod(0o400)
+        for src, name in ((self.jwt_key, "jwt.key"), (self.jwks, "jwks.json")):
+            if src is not None:
+                _write_private(self.workdir / "etc" / name, src.read_bytes(), slurm)
 
     def _slurm_conf(self) -> str:
         w, etc = self.workdir, self.workdir / "etc"
-        jwt = f"jwt_key={etc / 'jwt.key'}" + (
-            f",jwks={etc / 'jwks.json'}" if self.jwks_source else ""
-        )
-        cpus = os.cpu_count() or 1
+        jwt = f"jwt_key={etc / 'jwt.key'}" + (f",jwks={etc / 'jwks.json'}" if self.jwks else "")
         # A little below MemTotal: declaring more than slurmd finds drains the node.
         mem_mb = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 * 9 // 10
         hooks = "".join(f"{k}={v}\n" for k, v in self.hooks.items() if v is not None)
@@ -312,21 +275,16 @@ SlurmctldHost={self.host}(127.0.0.1)
 SlurmUser={SLURM_USER}
 SlurmctldPort={free_port("0.0.0.0")}
 SlurmdPort={free_port("0.0.0.0")}
-AuthType=auth/munge
 AuthInfo=socket={self.munge_socket}
 AuthAltTypes=auth/jwt
 AuthAltParameters={jwt}
-CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
+# The default batch_sched_delay=3 holds every new batch job for ~3 s.
+SchedulerParameters=batch_sched_delay=0
 ReturnToService=2
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
 PlugStackConfig={etc / "plugstack.conf"}
 StateSaveLocation={w / "state"}
 SlurmdSpoolDir={w / "spool"}
@@ -334,39 +292,25 @@ SlurmctldPidFile={w / "run" / "slurmctld.pid"}
 SlurmdPidFile={w / "run" / "slurmd.pid"}
 SlurmctldLogFile={w / "log" / "slurmctld.log"}
 SlurmdLogFile={w / "log" / "slurmd.log"}
-SlurmctldDebug=info
-SlurmdDebug=info
-SchedulerParameters=batch_sched_delay=0
-{hooks}{self.extra_conf}
-NodeName={self.node_name} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
+{hooks}NodeName={self.node_name} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} RealMemory={mem_mb}
 PartitionName={PARTITION} Nodes={self.node_name} Default=YES MaxTime=INFINITE State=UP
+{self.extra_conf}
 """
 
-    def _munged_args(self) -> list[str]:
-        m = self.workdir / "munge"
-        return [
-            "--force",
-            f"--socket={self.munge_socket}",
-            f"--key-file={m / 'munge.key'}",
-            f"--log-file={m / 'munged.log'}",
-            f"--pid-file={m / 'munged.pid'}",
-            f"--seed-file={m / 'munged.seed'}",
-        ]
+    def _munge_args(self) -> list[str]:
+        files = [f"--{f}-file={self.workdir / 'munge' / f}" for f in ("key", "log", "pid", "seed")]
+        return ["--force", f"--socket={self.munge_socket}", *files]
 
-    def _start_slurmctld(self) -> None:
-        self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-f", str(self.conf_path)])
-
-    def _spawn(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> None:
-        # stdout/stderr catch what a daemon says before its log file is open.
-        out: IO[bytes] = open(self.log_dir / f"{name}.out", "ab")  # noqa: SIM115 (kept by the child)
-        with out:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        # <name>.out keeps what a daemon says before (or instead of) its log file.
+        with open(self.log_dir / f"{name}.out", "ab") as out:
             self._procs[name] = subprocess.Popen(
                 argv,
-                env={**self.env(), **(extra_env or {})},
+                env={**self.env(), **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True,  # a test's Ctrl-C must not hit the daemons first
             )
 
     def _terminate(self, name: str) -> None:
@@ -390,14 +334,12 @@ PartitionName={PARTITION} Nodes={self.node_name} Default=YES MaxTime=INFINITE St
         if not _poll(done, timeout):
             raise SlurmError(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
         if dead:
-            raise SlurmError(f"waiting for {what}: daemon exited {dead}\n{self.logs()}")
+            raise SlurmError(f"daemon exited while waiting for {what}: {dead}\n{self.logs()}")
 
     def _ready(self) -> bool:
         ping = self.root_run(["scontrol", "ping"], check=False, timeout=10).stdout
-        if "is UP" not in ping:
-            return False
-        state = self.root_run(["sinfo", "-h", "-n", self.node_name, "-o", "%T"], check=False).stdout
-        return state.strip() == "idle"
+        node = ["sinfo", "-h", "-n", self.node_name, "-o", "%T"]
+        return "is UP" in ping and self.root_run(node, check=False).stdout.strip() == "idle"
 
     def _rest_listening(self) -> bool:
         try:
