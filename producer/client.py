@@ -1,16 +1,10 @@
-"""The thin client of the mint service: the login path's fast road.
-
-Only ``_socket`` and ``json`` are imported (``socket`` drags in ``enum`` and
-``selectors``): this runs inside every login through pam_exec.
-"""
+"""The client of the mint service (``tokenlife mint`` asks it first)."""
 
 from __future__ import annotations
 
 import _socket
 import json
 from typing import Any
-
-DEFAULT_SOCKET = "/run/tokenlife/mint.sock"
 
 
 def ask(socket_path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any] | None:

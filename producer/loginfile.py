@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from tokenlife.fsutil import ensure_dir, ensure_private_dir, write_secret
@@ -20,5 +22,27 @@ def write_login_token(token_dir: Path, record: TokenRecord) -> Path:
     user_dir = token_dir / str(record.uid)
     ensure_private_dir(user_dir, record.uid, record.gid, 0o700)
     path = user_dir / FILE_NAME
-    write_secret(path, record.token.encode("ascii"), record.uid, record.gid, 0o600)
+    data = record.token.encode("ascii")
+    if not _already_there(path, data, record):
+        write_secret(path, data, record.uid, record.gid, 0o600)
     return path
+
+
+def _already_there(path: Path, data: bytes, record: TokenRecord) -> bool:
+    """True if ``path`` is a regular file with exactly this token, owner and mode.
+
+    A login that reuses its token then costs no write and no fsync.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o600:
+            return False
+        if (st.st_uid, st.st_gid) != (record.uid, record.gid) or st.st_size != len(data):
+            return False
+        return os.read(fd, len(data) + 1) == data
+    finally:
+        os.close(fd)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import sys
 
-from producer.client import DEFAULT_SOCKET, ask
+# Not json, re or typing: together they cost more than the rest of a login.
+DEFAULT_SOCKET = "/run/tokenlife/mint.sock"
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 USAGE = "usage: tokenlife [-c CONFIG] pam [--socket PATH]"
 
@@ -47,14 +49,44 @@ def main(argv: list[str]) -> int:
     if os.environ.get("PAM_TYPE") != "open_session":
         return 0  # close_session and the other stacks: nothing to do
     user = os.environ.get("PAM_USER", "")
-
-    answer = ask(socket_path, {"op": "pam", "user": user})
-    if answer is not None:
-        if answer.get("ok"):
-            return 0
-        _say(f"{user}: {answer.get('error', 'refused')}")
-        return 1 if answer.get("required") else 0
+    if user and set(user) <= _NAME_CHARS and len(user) <= 32:
+        answer = _ask_service(socket_path, user)
+        if answer is not None:
+            status, required, message = answer
+            if status == "OK":
+                return 0
+            _say(f"{user}: {message}")
+            return 1 if required else 0
+    # No service, or a name the service would refuse: the full path decides.
     return _fallback(user, config_path)
+
+
+def _ask_service(socket_path: str, user: str) -> tuple[str, bool, str] | None:
+    """One round trip in the service's line reply mode; None if nobody listens.
+
+    Reply: ``OK`` or ``ERR <required 0|1> <message>``.  ``user`` holds only
+    name characters, so the hand-made JSON request needs no escaping.
+    """
+    import _socket
+
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(10.0)
+        try:
+            sock.connect(socket_path)
+        except OSError:
+            return None
+        sock.sendall(b'{"op":"pam","reply":"line","user":"%s"}\n' % user.encode())
+        chunks = []
+        while chunk := sock.recv(4096):
+            chunks.append(chunk)
+    except OSError as exc:
+        return "ERR", False, f"mint service failed: {exc}"
+    finally:
+        sock.close()
+    status, _, rest = b"".join(chunks).decode(errors="replace").strip().partition(" ")
+    required, _, message = rest.partition(" ")
+    return status, required == "1", message
 
 
 def _fallback(user: str, config_path: str | None) -> int:

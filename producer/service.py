@@ -109,7 +109,15 @@ class _Handler(socketserver.StreamRequestHandler):
         answer = self.server.service.handle(request, caller)
         if not answer.get("ok"):
             log.info("mint request from uid %d refused: %s", caller, answer.get("error"))
-        self.wfile.write(json.dumps(answer).encode() + b"\n")
+        if isinstance(request, dict) and request.get("reply") == "line":
+            # The login path's lean client parses this without json.
+            if answer.get("ok"):
+                line = "OK"
+            else:
+                line = f"ERR {int(bool(answer.get('required')))} {answer.get('error')}"
+            self.wfile.write(line.encode() + b"\n")
+        else:
+            self.wfile.write(json.dumps(answer).encode() + b"\n")
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

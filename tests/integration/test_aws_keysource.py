@@ -240,9 +240,7 @@ def check_minted(proc: Any, key: bytes, user: pwd.struct_passwd) -> str:
     assert claims["uid"] == user.pw_uid
     assert claims["gid"] == user.pw_gid
     assert set(claims["id"]) >= {"gecos", "dir", "shell", "gids"}
-    assert sorted(claims["id"]["gids"]) == sorted(
-        set(os.getgrouplist(user.pw_name, user.pw_gid))
-    )
+    assert sorted(claims["id"]["gids"]) == sorted(set(os.getgrouplist(user.pw_name, user.pw_gid)))
     return token
 
 
