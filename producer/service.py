@@ -112,10 +112,10 @@ class _Handler(socketserver.StreamRequestHandler):
         if isinstance(request, dict) and request.get("reply") == "line":
             # The login path's lean client parses this without json.
             if answer.get("ok"):
-                line = "OK"
+                reply = "OK"
             else:
-                line = f"ERR {int(bool(answer.get('required')))} {answer.get('error')}"
-            self.wfile.write(line.encode() + b"\n")
+                reply = f"ERR {int(bool(answer.get('required')))} {answer.get('error')}"
+            self.wfile.write(reply.encode() + b"\n")
         else:
             self.wfile.write(json.dumps(answer).encode() + b"\n")
 
