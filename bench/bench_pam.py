@@ -32,6 +32,8 @@ sys.path.insert(0, str(REPO))
 from tests.integration.harness.slurm import SlurmCluster  # noqa: E402
 from tests.integration.harness.users import ensure_user  # noqa: E402
 
+#: login token files live on tmpfs in production (/run), so here too
+RUN_DIR = Path(tempfile.mkdtemp(prefix="tl-bench-run-", dir="/dev/shm"))
 TOKENLIFE = ""  # the login path, installed as in production
 FULL_TOKENLIFE = str(Path(sys.executable).parent / "tokenlife")  # the service, with its deps
 
@@ -77,7 +79,7 @@ def write_config(work: Path, name: str, key: Path, fresh: bool) -> Path:
     cfg.write_text(
         f'[key]\npath = "{key}"\n{token}'
         f'[store]\nurl = "sqlite:///{work}/{name}.db"\nspool_dir = "{work}/{name}-spool"\n'
-        f'[login]\ntoken_dir = "{work}/{name}-run"\n'
+        f'[login]\ntoken_dir = "{RUN_DIR}/{name}-run"\n'
         f'[producer]\nsocket = "{work}/{name}.sock"\n'
     )
     return cfg
@@ -151,6 +153,7 @@ def main() -> int:
             proc.wait(10)
         Path(f"/etc/pam.d/{pam_service}").unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(RUN_DIR, ignore_errors=True)
 
     base = statistics.median(rows[0][1])
     print(f"\nPAM login path vs scontrol token, {runs} runs each")

@@ -44,14 +44,14 @@ class AwsKeySource:
             if age < self.config.refresh or self.prefer_cache:
                 return HS256Key(key)
         try:
-            key = self.fetch()
+            fresh = HS256Key(self.fetch())  # validated before it may be cached
         except KeySourceError as exc:
             if cached is None:
                 raise
             log.warning("%s; using the cached key fetched %ds ago", exc, int(age))
-            return HS256Key(key)
-        self._write_cache(key)
-        return HS256Key(key)
+            return HS256Key(cached[1])
+        self._write_cache(fresh.secret_bytes())
+        return fresh
 
     def fetch(self) -> bytes:
         """Ask Secrets Manager for the key; every failure is a KeySourceError."""
@@ -88,18 +88,23 @@ class AwsKeySource:
         raw = read_private_file(path, allowed_owners(self.config), what="AWS key cache")
         try:
             data = json.loads(raw)
-            if data.get("secret_id") != self.config.secret_id:
-                return None  # configured for another secret: do not trust it
+            if data.get("selection") != self._selection():
+                return None  # cached for another secret or version: do not use it
             return float(data["fetched_at"]), base64.b64decode(data["key"], validate=True)
         except (ValueError, KeyError, TypeError, binascii.Error):
             log.warning("AWS key cache %s is corrupt; ignoring it", path)
             return None
 
+    def _selection(self) -> list[str | None]:
+        """What the cache was fetched for: the secret and the version asked for."""
+        c = self.config
+        return [c.secret_id, c.version_id, c.version_stage, c.endpoint_url, c.region]
+
     def _write_cache(self, key: bytes) -> None:
         path = self.config.cache_path
         os.makedirs(path.parent, mode=0o700, exist_ok=True)
         data = {
-            "secret_id": self.config.secret_id,
+            "selection": self._selection(),
             "fetched_at": self._now(),
             "key": base64.b64encode(key).decode(),
         }

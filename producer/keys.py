@@ -35,6 +35,10 @@ class HS256Key:
     def verify(self, token: str) -> dict[str, Any]:
         return jwtlite.verify_hs256(token, self._secret)
 
+    def secret_bytes(self) -> bytes:
+        """The raw key, for the AWS cache file only."""
+        return self._secret
+
     def __repr__(self) -> str:
         return f"HS256Key({self.key_id})"
 

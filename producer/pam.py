@@ -17,7 +17,7 @@ import sys
 DEFAULT_SOCKET = "/run/tokenlife/mint.sock"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
-USAGE = "usage: tokenlife [-c CONFIG] pam [--socket PATH]"
+USAGE = "usage: tokenlife [-c CONFIG] [-v] [--debug] pam [--socket PATH]"
 
 
 def _say(message: str) -> None:
@@ -31,21 +31,25 @@ def _say(message: str) -> None:
 def main(argv: list[str]) -> int:
     """``argv`` is the whole command line after the program name."""
     config_path, socket_path = None, DEFAULT_SOCKET
-    args = [a for a in argv if a != "pam"]
+    args = list(argv)
     while args:
-        flag = args.pop(0)
-        if flag in ("-c", "--config", "--socket") and args:
-            value = args.pop(0)
+        arg = args.pop(0)
+        flag, eq, value = arg.partition("=")
+        if flag in ("-c", "--config", "--socket"):
+            if not eq:
+                if not args:
+                    _say(f"{flag} needs a value; {USAGE}")
+                    return 0  # a bad PAM line must not lock everyone out
+                value = args.pop(0)
             if flag == "--socket":
                 socket_path = value
             else:
                 config_path = value
-        elif flag in ("-h", "--help"):
+        elif arg in ("-h", "--help"):
             print(USAGE)
             return 0
-        else:
-            _say(f"unexpected argument {flag!r}; {USAGE}")
-            return 2
+        elif arg not in ("pam", "-v", "-vv", "--verbose", "--debug"):
+            _say(f"ignoring unexpected argument {arg!r}; {USAGE}")
     if os.environ.get("PAM_TYPE") != "open_session":
         return 0  # close_session and the other stacks: nothing to do
     user = os.environ.get("PAM_USER", "")
@@ -125,4 +129,5 @@ def _mint_here(user: str, config: object) -> None:
         SpoolStore(config.store.spool_dir),
         login_dir=config.login.token_dir,
     )
-    minter.mint(user, os.getuid(), reuse=True, actor="pam")
+    # pam_exec with seteuid: the effective uid is root even under su or sudo
+    minter.mint(user, os.geteuid(), reuse=True, actor="pam")

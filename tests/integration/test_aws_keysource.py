@@ -19,9 +19,10 @@ import pwd
 import secrets
 import socket
 import stat
+import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,20 +37,10 @@ from tokenlife.errors import InsecureKeyFile, KeySourceError
 
 pytestmark = pytest.mark.aws
 
+Completed = subprocess.CompletedProcess[str]
+
 REGION = "us-east-1"
 KEY_BYTES = 32
-
-#: Known application bugs (see the report / docs): these tests state the
-#: behaviour an administrator expects and are xfail(strict) until fixed.
-BUG_SHORT_KEY_CACHED = (
-    "app bug: AwsKeySource.load() caches a fetched key before HS256Key() checks its "
-    "length, so a too-short secret is cached and keeps failing for `refresh` after it is fixed"
-)
-BUG_CACHE_IGNORES_VERSION = (
-    "app bug: the AWS key cache is keyed by secret_id only, so changing version_id or "
-    "version_stage keeps using the key cached for the previous selection until `refresh`"
-)
-
 
 # --- moto -------------------------------------------------------------------
 
@@ -212,7 +203,7 @@ class Site:
         self.config.write_text("\n".join(lines) + "\n")
         return self.config
 
-    def mint(self, user: str) -> Any:
+    def mint(self, user: str) -> Completed:
         self.write()
         return run_cli("-c", str(self.config), "mint", user, "--local", "--print")
 
@@ -223,14 +214,14 @@ class Site:
         return sorted(str(p.relative_to(self.state)) for p in self.state.rglob("*") if p.is_file())
 
 
-def one_line_error(proc: Any) -> str:
+def one_line_error(proc: Completed) -> str:
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got {proc.stderr!r}"
     assert lines[0].startswith("tokenlife-mint: "), lines[0]
-    return str(lines[0])
+    return lines[0]
 
 
-def check_minted(proc: Any, key: bytes, user: pwd.struct_passwd) -> str:
+def check_minted(proc: Completed, key: bytes, user: pwd.struct_passwd) -> str:
     """The CLI succeeded and printed a token signed with ``key`` for ``user``."""
     assert proc.returncode == 0, proc.stderr
     token = proc.stdout.strip()
@@ -245,8 +236,8 @@ def check_minted(proc: Any, key: bytes, user: pwd.struct_passwd) -> str:
 
 
 @pytest.fixture
-def site(tmp_path: Path, moto: Moto) -> Iterator[Site]:
-    yield Site(tmp_path / "site", moto, secret_id="")
+def site(tmp_path: Path, moto: Moto) -> Site:
+    return Site(tmp_path / "site", moto, secret_id="")
 
 
 # --- the PCS layout: base64 in SecretString ----------------------------------
@@ -314,8 +305,8 @@ def rotated(moto: Moto) -> Rotated:
     return Rotated(name, old, new, first["VersionId"], second["VersionId"])
 
 
-SELECTIONS = {
-    # selection id: (config keys, which key it must select)
+#: selection id: (the config's version keys, which key it must select)
+SELECTIONS: dict[str, tuple[Callable[[Rotated], dict[str, str]], str]] = {
     "default": (lambda r: {}, "new"),
     "AWSCURRENT": (lambda r: {"version_stage": "AWSCURRENT"}, "new"),
     "AWSPREVIOUS": (lambda r: {"version_stage": "AWSPREVIOUS"}, "old"),
@@ -350,7 +341,6 @@ def test_cli_version_selection(site: Site, rotated: Rotated, selection: str) -> 
     assert not verifies_with(token, other)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_CACHE_IGNORES_VERSION)
 def test_changing_the_version_selection_is_not_served_from_the_cache(
     moto: Moto, rotated: Rotated, tmp_path: Path
 ) -> None:
@@ -406,11 +396,6 @@ def _bad_secret(moto: Moto, case: Bad) -> str:
     return moto.new_secret(case.secret)
 
 
-def _known_short_key_bug(case_id: str, cache: Path) -> None:
-    if case_id.startswith("too-short") and cache.exists():
-        pytest.xfail(BUG_SHORT_KEY_CACHED)
-
-
 @pytest.mark.parametrize("case_id", BAD)
 def test_api_bad_secret(moto: Moto, tmp_path: Path, case_id: str) -> None:
     case = BAD[case_id]
@@ -421,7 +406,6 @@ def test_api_bad_secret(moto: Moto, tmp_path: Path, case_id: str) -> None:
         AwsKeySource(key_config(moto, secret_id, cache)).load()
 
     assert str(info.value) == case.message.format(id=secret_id)
-    _known_short_key_bug(case_id, cache)
     assert not cache.exists()
 
 
@@ -437,11 +421,9 @@ def test_cli_bad_secret(site: Site, case_id: str) -> None:
     assert one_line_error(proc) == "tokenlife-mint: " + case.message.format(id=site.secret_id)
     if isinstance(case.secret, str):
         assert case.secret not in proc.stderr
-    _known_short_key_bug(case_id, site.cache)
     assert site.written() == []
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_SHORT_KEY_CACHED)
 def test_fixing_a_too_short_secret_takes_effect_at_once(site: Site) -> None:
     user = mint_user()
     site.secret_id = site.moto.new_secret(b64(new_key(16)))

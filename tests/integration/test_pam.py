@@ -323,24 +323,11 @@ def test_users_below_min_uid_get_no_token(site: Site, alice: pwd.struct_passwd) 
 
 # --- PAM never breaks a login unless told to --------------------------------------
 
-BUG_PAM_GLOBAL_OPTIONS = (
-    "app bug: producer.pam.main() rejects the global options every other command takes "
-    "(-v, --debug, --config=PATH, --socket=PATH) with exit 2, which fails the login"
-)
 PAM_COMMAND_LINES = {
-    "documented": pytest.param("-c {config} pam --socket {socket}"),
-    "verbose": pytest.param(
-        "-v -c {config} pam --socket {socket}",
-        marks=pytest.mark.xfail(strict=True, reason=BUG_PAM_GLOBAL_OPTIONS),
-    ),
-    "debug": pytest.param(
-        "--debug -c {config} pam --socket {socket}",
-        marks=pytest.mark.xfail(strict=True, reason=BUG_PAM_GLOBAL_OPTIONS),
-    ),
-    "equals-forms": pytest.param(
-        "--config={config} pam --socket={socket}",
-        marks=pytest.mark.xfail(strict=True, reason=BUG_PAM_GLOBAL_OPTIONS),
-    ),
+    "documented": "-c {config} pam --socket {socket}",
+    "verbose": "-v -c {config} pam --socket {socket}",
+    "debug": "--debug -c {config} pam --socket {socket}",
+    "equals-forms": "--config={config} pam --socket={socket}",
 }
 
 

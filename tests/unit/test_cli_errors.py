@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import require_root, run_cli
 
 DURATION_HINT = "is not a duration such as 90, 30m, 1h, 2d or 1w"
 
@@ -221,8 +221,7 @@ def test_bad_key_files(site: Site, make: KeyMaker, line: str) -> None:
 
 
 def test_privileged_user_refused(site: Site) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("only root may mint for root")  # the non-root case is test_other_user
+    require_root()  # as an ordinary user, minting for root fails earlier (not permitted)
     _check(
         site,
         ["mint", "--local", "root"],
