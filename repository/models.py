@@ -1,4 +1,4 @@
-"""SQLAlchemy models of the token store (schema version 1)."""
+"""SQLAlchemy models of the token store (schema: see repository/migrations)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ class TokenRow(Base):
         CheckConstraint("lifetime > 0", name="ck_tokens_lifetime_positive"),
         CheckConstraint("state IN ('active', 'expired', 'revoked')", name="ck_tokens_state"),
         Index("ix_tokens_user_state", "user", "state"),
+        Index("ix_tokens_state_next_check", "state", "next_check"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -67,6 +68,11 @@ class TokenRow(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(16), default="active")
     token: Mapped[str] = mapped_column(Text)
+    # Renewal bookkeeping lives here, not in memory, so restarts and other
+    # replicas agree: when to look at the token next, and how it failed.
+    next_check: Mapped[datetime] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
 
 
 class EventRow(Base):

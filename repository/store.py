@@ -8,8 +8,9 @@ boundary.  Records that the login path left in the spool are ingested first.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from producer.spool import SpoolStore
-from repository.models import Base, EventRow, TokenRow
+from repository.migrate import migrate
+from repository.models import EventRow, TokenRow
 from tokenlife.errors import StoreError
-from tokenlife.model import ACTIVE, TokenRecord
+from tokenlife.model import ACTIVE, EXPIRED, TokenRecord
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ def _record(row: TokenRow) -> TokenRecord:
         key_id=row.key_id,
         version=row.version,
         state=row.state,
+        attempts=row.attempts,
         token=row.token,
     )
 
@@ -85,7 +88,7 @@ class SqlTokenStore:
         if self._sessions is None:
             try:
                 self.engine = make_engine(self.url)
-                Base.metadata.create_all(self.engine)
+                migrate(self.engine)
             except (SQLAlchemyError, OSError) as exc:
                 raise StoreError(f"cannot open the token store: {_reason(exc)}") from exc
             self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -145,6 +148,11 @@ class SqlTokenStore:
                 version=record.version,
                 state=record.state,
                 token=record.token,
+                # The next tick looks at a new token once and files it for
+                # its renewal window (the store knows no policy).
+                next_check=_dt(record.iat),
+                attempts=0,
+                last_error="",
             )
         )
         s.flush()
@@ -206,3 +214,141 @@ def _reason(exc: BaseException) -> str:
     """The first line of the driver's message, without SQL or parameters."""
     orig = getattr(exc, "orig", None) or exc
     return str(orig).splitlines()[0] if str(orig) else type(orig).__name__
+
+
+# --- renewal ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Renewed:
+    token: str
+    iat: int
+    exp: int
+    next_check: int
+
+
+@dataclass(frozen=True)
+class Waiting:
+    until: int
+
+
+@dataclass(frozen=True)
+class Expired:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str
+    retry_at: int
+
+
+Outcome = Renewed | Waiting | Expired | Failed
+
+
+def _apply(s: Session, row: TokenRow, outcome: Outcome, now: int, actor: str) -> None:
+    at = _dt(now)
+    if isinstance(outcome, Renewed):
+        row.token, row.iat, row.exp = outcome.token, _dt(outcome.iat), _dt(outcome.exp)
+        row.version += 1
+        row.next_check, row.attempts, row.last_error = _dt(outcome.next_check), 0, ""
+        event, reason = "renewed", ""
+    elif isinstance(outcome, Waiting):
+        row.next_check = _dt(outcome.until)
+        return
+    elif isinstance(outcome, Expired):
+        row.state, event, reason = EXPIRED, "expired", outcome.reason
+    else:
+        row.attempts += 1
+        row.last_error = outcome.error[:500]
+        row.next_check = _dt(outcome.retry_at)
+        event, reason = "failed", outcome.error[:500]
+    s.add(
+        EventRow(
+            at=at,
+            event=event,
+            user=row.user,
+            token_id=row.token_id,
+            version=row.version,
+            actor=actor,
+            reason=reason,
+        )
+    )
+
+
+class RenewalStore:
+    """The renewer's view of SqlTokenStore: claim due rows, apply outcomes."""
+
+    def __init__(self, store: SqlTokenStore) -> None:
+        self.store = store
+
+    def process(
+        self,
+        now: int,
+        handle: Callable[[TokenRecord], Outcome],
+        actor: str,
+        user: str | None = None,
+        force: bool = False,
+        batch: int = 100,
+    ) -> list[tuple[TokenRecord, Outcome]]:
+        """Hand every due token to ``handle`` in batches, one transaction each.
+
+        On PostgreSQL rows are claimed with FOR UPDATE SKIP LOCKED, so
+        replicas share the work without waiting on each other; a crash rolls
+        the open batch back, leaving those tokens at their old version.
+        """
+        results: list[tuple[TokenRecord, Outcome]] = []
+        after = 0  # forced runs walk the table once by id
+        while True:
+            with self.store._session() as s:
+                query = select(TokenRow).where(TokenRow.state == ACTIVE)
+                if user:
+                    query = query.where(TokenRow.user == user)
+                if force:
+                    query = query.where(TokenRow.id > after).order_by(TokenRow.id)
+                else:
+                    query = query.where(TokenRow.next_check <= _dt(now)).order_by(
+                        TokenRow.next_check
+                    )
+                query = query.limit(batch)
+                if s.get_bind().dialect.name == "postgresql":
+                    query = query.with_for_update(skip_locked=True)
+                rows = list(s.scalars(query))
+                for row in rows:
+                    record = _record(row)
+                    outcome = handle(record)
+                    _apply(s, row, outcome, now, actor)
+                    results.append((record, outcome))
+                    after = max(after, row.id)
+            if len(rows) < batch:
+                return results
+
+    def count_due(self, now: int) -> int:
+        with self.store._session() as s:
+            query = select(TokenRow.id).where(
+                TokenRow.state == ACTIVE, TokenRow.next_check <= _dt(now)
+            )
+            return len(list(s.scalars(query)))
+
+    def set_state(
+        self, user: str, state: str, event: str, actor: str, reason: str, now: int
+    ) -> int:
+        """Mark the user's active tokens ``state`` (revoke); returns how many."""
+        with self.store._session() as s:
+            rows = list(
+                s.scalars(select(TokenRow).where(TokenRow.user == user, TokenRow.state == ACTIVE))
+            )
+            for row in rows:
+                row.state = state
+                s.add(
+                    EventRow(
+                        at=_dt(now),
+                        event=event,
+                        user=user,
+                        token_id=row.token_id,
+                        version=row.version,
+                        actor=actor,
+                        reason=reason,
+                    )
+                )
+            return len(rows)

@@ -73,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     pam = sub.add_parser("pam", help="pam_exec entry (reads PAM_USER, PAM_TYPE)")
     pam.add_argument("--socket", help="the mint service's socket")
 
+    rn = sub.add_parser(
+        "renew",
+        help="one renewal tick (what the systemd timer runs)",
+        description="Renew every token in its renewal window (last quarter of its lifetime, "
+        "at least token.renew_before ahead of exp), never past renew-until; expire those past "
+        "it.  Prints a summary; exits 1 if any renewal failed.",
+    )
+    rn.add_argument("--user", help="only this user's token")
+    rn.add_argument("--now", action="store_true", help="treat every renewable token as due")
+    rn.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    rv = sub.add_parser("revoke", help="stop renewing USER's token and remove its token file")
+    rv.add_argument("user")
+    rv.add_argument("--reason", default="", help="recorded in the audit trail")
+
     ls = sub.add_parser("list", help="stored tokens (never the token itself)")
     ls.add_argument("--user")
     ls.add_argument("--json", action="store_true")
@@ -98,6 +113,8 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
     return {
         "mint": handlers.mint,
         "list": handlers.list_tokens,
+        "renew": handlers.renew,
+        "revoke": handlers.revoke,
         "serve": handlers.serve,
         "config": handlers.config_check,
         "jwks": handlers.jwks,

@@ -80,6 +80,65 @@ def mint(args: argparse.Namespace) -> int:
     return 0
 
 
+def renew(args: argparse.Namespace) -> int:
+    from producer.keys import make_key_source
+    from repository.listeners import LoginFiles
+    from repository.renewer import Renewer
+
+    if args.user:
+        validate_name(args.user)
+    config = _config(args)
+    renewer = Renewer(
+        config,
+        make_key_source(config.key),
+        _store(config),
+        listeners=[LoginFiles(config.login.token_dir)],
+    )
+    summary = renewer.tick(args.user, force=args.now)
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        print(summary.line())
+        for error in summary.errors:
+            print(f"tokenlife-renew: {error}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def revoke(args: argparse.Namespace) -> int:
+    import time
+
+    from producer.loginfile import token_path
+    from repository.store import RenewalStore
+    from tokenlife.fsutil import remove_file
+    from tokenlife.users import uid_of
+
+    validate_name(args.user)
+    config = _config(args)
+    store = _store(config)
+    actor = _caller_name()
+    count = RenewalStore(store).set_state(
+        args.user, "revoked", "revoked", actor, args.reason, int(time.time())
+    )
+    if count == 0:
+        raise TokenlifeError(f"{args.user} has no active token")
+    uid = uid_of(args.user)
+    removed = uid is not None and remove_file(token_path(config.login.token_dir, uid))
+    print(
+        f"revoked {count} token(s) of {args.user}" + ("; removed its token file" if removed else "")
+    )
+    return 0
+
+
+def _caller_name() -> str:
+    from tokenlife.errors import UserError
+    from tokenlife.users import name_of
+
+    try:
+        return name_of(os.getuid())
+    except UserError:
+        return f"uid {os.getuid()}"
+
+
 def list_tokens(args: argparse.Namespace) -> int:
     if args.user:
         validate_name(args.user)

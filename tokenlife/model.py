@@ -28,6 +28,8 @@ class TokenRecord:
     key_id: str = ""
     version: int = 1
     state: str = ACTIVE
+    #: failed renewal attempts since the last success (the store keeps it)
+    attempts: int = field(default=0, compare=False)
     token: str = field(default="", repr=False, compare=False)
 
     def public(self) -> dict[str, Any]:
@@ -52,4 +54,4 @@ class TokenRecord:
 
     @classmethod
     def from_spool(cls, data: dict[str, Any]) -> TokenRecord:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})

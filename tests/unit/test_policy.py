@@ -13,7 +13,9 @@ H, D = 3600, 86400
 T0 = 1_800_000_000
 
 
-def token(iat: int, exp: int, renew_until: int, lifetime: int = 2 * D, state: str = "active") -> TokenRecord:
+def token(
+    iat: int, exp: int, renew_until: int, lifetime: int = 2 * D, state: str = "active"
+) -> TokenRecord:
     return TokenRecord("t", "alice", 1000, 1000, T0, iat, exp, renew_until, lifetime, state=state)
 
 
@@ -69,7 +71,9 @@ def test_force_ignores_the_window_not_the_limit() -> None:
 
 @pytest.mark.parametrize("state", ["revoked", "expired"])
 def test_inactive_refused(state: str) -> None:
-    assert decide(token(T0, T0 + D, T0 + 2 * D, state=state), DEFAULT, T0) == Refuse(f"token is {state}")
+    assert decide(token(T0, T0 + D, T0 + 2 * D, state=state), DEFAULT, T0) == Refuse(
+        f"token is {state}"
+    )
 
 
 def test_next_check() -> None:

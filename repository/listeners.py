@@ -1,0 +1,30 @@
+"""Things that happen after a renewal, behind the RenewalListener interface."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from producer.loginfile import token_path, write_login_token
+from tokenlife.model import TokenRecord
+
+log = logging.getLogger(__name__)
+
+
+class LoginFiles:
+    """Refresh login-node token files that exist on this host (single-host installs).
+
+    Only files that are already there are rewritten: a user who never logged
+    in here gets no file from a renewal.
+    """
+
+    def __init__(self, token_dir: Path) -> None:
+        self.token_dir = token_dir
+
+    def renewed(self, records: list[TokenRecord]) -> None:
+        for record in records:
+            if token_path(self.token_dir, record.uid).exists():
+                try:
+                    write_login_token(self.token_dir, record)
+                except OSError as exc:
+                    log.warning("cannot refresh the token file of %s: %s", record.user, exc)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the token store, run programmatically (no alembic.ini)."""
