@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from producer.spool import SpoolStore
@@ -70,10 +70,10 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        engine = create_engine(url)
+        engine = create_engine(url, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
 class SqlTokenStore:
@@ -89,7 +89,8 @@ class SqlTokenStore:
             try:
                 self.engine = make_engine(self.url)
                 migrate(self.engine)
-            except (SQLAlchemyError, OSError) as exc:
+            except (SQLAlchemyError, OSError, ValueError) as exc:
+                # ValueError: a malformed URL (a port that is not a number, ...)
                 raise StoreError(f"cannot open the token store: {_reason(exc)}") from exc
             self._sessions = sessionmaker(self.engine, expire_on_commit=False)
             if self.spool is not None:
@@ -174,21 +175,32 @@ class SqlTokenStore:
         count = 0
         for path, data in self.spool.pending():
             try:
-                record = TokenRecord.from_spool(data)
-            except (KeyError, TypeError):
-                log.warning("ignoring malformed spool record %s", path.name)
+                record = _spooled(data)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("ignoring malformed spool record %s: %s", path.name, exc)
                 continue
-            with self._session() as s:
-                known = s.scalar(select(TokenRow.id).where(TokenRow.token_id == record.token_id))
-                if known is None:
-                    self._save(
-                        s,
-                        record,
-                        str(data.get("event", "minted")),
-                        str(data.get("actor", "pam")),
-                        str(data.get("reason", "")),
+            try:
+                with self._session() as s:
+                    known = s.scalar(
+                        select(TokenRow.id).where(TokenRow.token_id == record.token_id)
                     )
-                    count += 1
+                    if known is None:
+                        self._save(
+                            s,
+                            record,
+                            str(data.get("event", "minted")),
+                            str(data.get("actor", "pam")),
+                            str(data.get("reason", "")),
+                        )
+                        count += 1
+            except StoreError as exc:
+                # A record the schema refuses (a CHECK constraint), or one a
+                # concurrent ingester stored first (unique token_id): skip it,
+                # never let it block the records after it.  Anything else
+                # (database down) is the caller's problem.
+                if not isinstance(exc.__cause__, IntegrityError):
+                    raise
+                log.warning("ignoring spool record %s: %s", path.name, exc)
         return count
 
     def events(self, user: str | None = None) -> list[dict[str, object]]:
@@ -208,6 +220,24 @@ class SqlTokenStore:
                 }
                 for e in s.scalars(query)
             ]
+
+
+_SPOOL_INTS = ("uid", "gid", "first_issued", "iat", "exp", "renew_until", "lifetime", "version")
+_SPOOL_STRS = ("token_id", "user", "key_id", "state", "token")
+
+
+def _spooled(data: object) -> TokenRecord:
+    """The record in a spool file's JSON; TypeError/ValueError if it is not one."""
+    if not isinstance(data, dict):
+        raise TypeError("not a JSON object")
+    record = TokenRecord.from_spool(data)
+    for name in _SPOOL_INTS:
+        if type(getattr(record, name)) is not int:
+            raise TypeError(f"{name} is not an integer")
+    for name in _SPOOL_STRS:
+        if not isinstance(getattr(record, name), str):
+            raise TypeError(f"{name} is not a string")
+    return record
 
 
 def _reason(exc: BaseException) -> str:

@@ -143,6 +143,13 @@ def _str(value: Any) -> str:
     return value
 
 
+def _kid(value: Any) -> str:
+    text = _str(value)
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,56}", text):
+        raise ValueError("expected 1-56 characters from A-Z a-z 0-9 _ . : -")
+    return text
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if value not in choices:
@@ -281,7 +288,7 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
         source=t.take("source", _choice("file", "aws"), kd.source),
         path=t.take("path", _abspath, kd.path),
         algorithm=t.take("algorithm", _choice("HS256", "RS256"), kd.algorithm),
-        kid=t.take("kid", _str, kd.kid),
+        kid=t.take("kid", _kid, kd.kid),
         owners=t.take("owners", _names, kd.owners),
         secret_id=t.take("secret_id", _str, kd.secret_id),
         version_id=t.take("version_id", _str, kd.version_id),

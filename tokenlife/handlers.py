@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -199,43 +197,9 @@ def jwks(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from producer.service import MintService, listen
+    from tokenlife.daemon import Daemon
 
-    config = _config(args)
-    minter = _minter(config)
-    minter.key_source.load()  # fail at start, not at the first login
-    server = listen(args.socket or config.producer.socket, MintService(config, minter))
-    stop = threading.Event()
-
-    def on_term(signum: int, _frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    thread = threading.Thread(target=server.serve_forever, name="mint-socket", daemon=True)
-    thread.start()
-    _notify("READY=1")
-    print(f"tokenlife-serve: listening on {server.server_address}", file=sys.stderr, flush=True)
-    while not stop.wait(1.0):
-        pass
-    _notify("STOPPING=1")
-    server.shutdown()
-    server.server_close()
-    return 0
-
-
-def _notify(state: str) -> None:
-    """sd_notify without a dependency: one datagram to $NOTIFY_SOCKET."""
-    import socket
-
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)
-        sock.sendall(state.encode())
+    return Daemon(args.config, args.socket).run()
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -1,0 +1,131 @@
+"""``tokenlife serve``: the mint socket plus the renewal tick on a schedule.
+
+APScheduler only decides *when*; the work is the same ``Renewer.tick`` the
+systemd timer runs.  Signals (handlers only set flags or poke the
+scheduler): ALRM ticks now, HUP reloads the configuration (a bad file keeps
+the old one), TERM/INT let the running batch finish and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tokenlife import config as configmod
+from tokenlife.errors import TokenlifeError
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, config_path: Path | None, socket: Path | None = None) -> None:
+        self.config_path = config_path
+        self.socket_override = socket
+        self.stop = threading.Event()
+        self._lock = threading.Lock()  # one tick at a time, reloads between ticks
+
+    def _build(self) -> None:
+        from producer.keys import make_key_source
+        from producer.mint import Minter
+        from repository.listeners import LoginFiles
+        from repository.renewer import Renewer
+        from repository.store import SqlTokenStore
+
+        config = configmod.load(self.config_path)
+        key_source = make_key_source(config.key)
+        key_source.load()  # fail at start (or reload), not at the first login
+        spool = config.store.spool_dir if config.store.spool_dir.is_dir() else None
+        store = SqlTokenStore(config.store.url, spool)
+        self.config = config
+        self.minter = Minter(config, key_source, store, login_dir=config.login.token_dir)
+        self.renewer = Renewer(
+            config,
+            key_source,
+            store,
+            listeners=[LoginFiles(config.login.token_dir)],
+            actor=f"serve@{os.uname().nodename}",
+        )
+
+    def tick(self) -> None:
+        with self._lock:
+            try:
+                if self.renewer.store.store.spool is not None:
+                    self.renewer.store.store.ingest_spool()
+                summary = self.renewer.tick()
+            except TokenlifeError as exc:
+                log.error("tick failed: %s", exc)
+                return
+        level = logging.WARNING if summary.failed else logging.INFO
+        log.log(level, "tick: %s", summary.line())
+
+    def reload(self) -> None:
+        with self._lock:
+            try:
+                self._build()
+            except TokenlifeError as exc:
+                log.error("reload failed, keeping the running configuration: %s", exc)
+                return
+        self.service.minter = self.minter
+        self.service.config = self.config
+        log.info("configuration reloaded")
+
+    def run(self) -> int:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        from producer.service import MintService, listen
+
+        self._build()
+        self.service = MintService(self.config, self.minter)
+        server = listen(self.socket_override or self.config.producer.socket, self.service)
+        threading.Thread(target=server.serve_forever, name="mint-socket", daemon=True).start()
+        scheduler = BackgroundScheduler(timezone="UTC")
+        job = scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=self.config.serve.interval,
+            id="tick",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now().astimezone(),
+        )
+        scheduler.start()
+
+        def tick_now(*_: Any) -> None:
+            job.modify(next_run_time=datetime.now().astimezone())
+
+        signal.signal(signal.SIGALRM, tick_now)
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.reload).start())
+        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        notify("READY=1")
+        log.warning(
+            "serving: socket %s, tick every %ds", server.server_address, self.config.serve.interval
+        )
+        while not self.stop.wait(1.0):
+            pass
+        notify("STOPPING=1")
+        server.shutdown()
+        server.server_close()
+        scheduler.shutdown(wait=True)  # the running tick finishes its batch
+        with self._lock:
+            pass
+        return 0
+
+
+def notify(state: str) -> None:
+    """sd_notify without a dependency: one datagram to $NOTIFY_SOCKET."""
+    import socket
+
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(state.encode())
