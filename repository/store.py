@@ -8,6 +8,7 @@ boundary.  Records that the login path left in the spool are ingested first.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,8 +84,13 @@ class SqlTokenStore:
         self.url = url
         self.spool = SpoolStore(spool_dir) if spool_dir else None
         self._sessions: sessionmaker[Session] | None = None
+        self._opening = threading.RLock()  # the daemon's threads open it together
 
     def _open(self) -> sessionmaker[Session]:
+        with self._opening:
+            return self._open_once()
+
+    def _open_once(self) -> sessionmaker[Session]:
         if self._sessions is None:
             try:
                 self.engine = make_engine(self.url)
