@@ -12,10 +12,10 @@ from producer.claims import build_claims
 from producer.loginfile import write_login_token
 from tokenlife.clock import Clock, SystemClock
 from tokenlife.config import Config
-from tokenlife.errors import PermissionDenied, TokenInvalid, TokenlifeError, UserError
+from tokenlife.errors import PermissionDenied, TokenInvalid, TokenlifeError
 from tokenlife.interfaces import KeySource, TokenStore
 from tokenlife.model import ACTIVE, TokenRecord
-from tokenlife.users import UserInfo, lookup, name_of, uid_of
+from tokenlife.users import UserInfo, describe_uid, lookup, uid_of
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Minter:
     def authorize(self, caller_uid: int, user: UserInfo) -> None:
         if caller_uid != user.uid and not self.may_mint_for_others(caller_uid):
             raise PermissionDenied(
-                f"{_who(caller_uid)} may not mint a token for {user.name!r} "
+                f"{describe_uid(caller_uid)} may not mint a token for {user.name!r} "
                 "(only root, the Slurm user and configured admins may)"
             )
         if self.is_privileged(user) and not self.config.producer.allow_privileged_users:
@@ -99,7 +99,7 @@ class Minter:
             key_id=key.key_id,
             token=token,
         )
-        self.store.save(record, "minted", actor, _who(caller_uid))
+        self.store.save(record, "minted", actor, describe_uid(caller_uid))
         if self.is_privileged(user):
             log.warning(
                 "minted a privileged token for %s (token id %s)", user.name, record.token_id
@@ -134,13 +134,6 @@ class Minter:
                 raise TokenlifeError(
                     f"cannot write the token file under {self.login_dir}: {exc.strerror}"
                 ) from exc
-
-
-def _who(uid: int) -> str:
-    try:
-        return name_of(uid)
-    except UserError:
-        return f"uid {uid}"
 
 
 def caller_uid() -> int:

@@ -166,17 +166,7 @@ class SqlTokenStore:
             )
         )
         s.flush()
-        s.add(
-            EventRow(
-                at=_dt(record.iat),
-                event=event,
-                user=record.user,
-                token_id=record.token_id,
-                version=record.version,
-                actor=actor,
-                reason=reason,
-            )
-        )
+        _audit(s, record.iat, event, record.user, record.token_id, record.version, actor, reason)
 
     def ingest_spool(self) -> int:
         """Import login-path records not yet stored (idempotent by token id)."""
@@ -285,8 +275,31 @@ class Failed:
 Outcome = Renewed | Waiting | Expired | Failed
 
 
+def _audit(
+    s: Session,
+    at: int,
+    event: str,
+    user: str,
+    token_id: str,
+    version: int,
+    actor: str,
+    reason: str,
+) -> None:
+    """One audit event; never the token itself."""
+    s.add(
+        EventRow(
+            at=_dt(at),
+            event=event,
+            user=user,
+            token_id=token_id,
+            version=version,
+            actor=actor,
+            reason=reason,
+        )
+    )
+
+
 def _apply(s: Session, row: TokenRow, outcome: Outcome, now: int, actor: str) -> None:
-    at = _dt(now)
     if isinstance(outcome, Renewed):
         row.token, row.iat, row.exp = outcome.token, _dt(outcome.iat), _dt(outcome.exp)
         row.version += 1
@@ -302,17 +315,7 @@ def _apply(s: Session, row: TokenRow, outcome: Outcome, now: int, actor: str) ->
         row.last_error = outcome.error[:500]
         row.next_check = _dt(outcome.retry_at)
         event, reason = "failed", outcome.error[:500]
-    s.add(
-        EventRow(
-            at=at,
-            event=event,
-            user=row.user,
-            token_id=row.token_id,
-            version=row.version,
-            actor=actor,
-            reason=reason,
-        )
-    )
+    _audit(s, now, event, row.user, row.token_id, row.version, actor, reason)
 
 
 class RenewalStore:
@@ -362,13 +365,6 @@ class RenewalStore:
             if len(rows) < batch:
                 return results
 
-    def count_due(self, now: int) -> int:
-        with self.store._session() as s:
-            query = select(TokenRow.id).where(
-                TokenRow.state == ACTIVE, TokenRow.next_check <= _dt(now)
-            )
-            return len(list(s.scalars(query)))
-
     def set_state(
         self, user: str, state: str, event: str, actor: str, reason: str, now: int
     ) -> int:
@@ -379,15 +375,5 @@ class RenewalStore:
             )
             for row in rows:
                 row.state = state
-                s.add(
-                    EventRow(
-                        at=_dt(now),
-                        event=event,
-                        user=user,
-                        token_id=row.token_id,
-                        version=row.version,
-                        actor=actor,
-                        reason=reason,
-                    )
-                )
+                _audit(s, now, event, user, row.token_id, row.version, actor, reason)
             return len(rows)

@@ -63,3 +63,17 @@ def run_cli(
 @pytest.fixture
 def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_cli
+
+
+def write_cli_site(root: Path, key: bytes, extra: str = "") -> Path:
+    """A key file and a config keeping all state under ``root``; returns the config."""
+    key_path = root / "k"
+    key_path.write_bytes(key)
+    key_path.chmod(0o600)
+    cfg = root / "c.toml"
+    cfg.write_text(
+        f'[key]\npath = "{key_path}"\n[store]\nurl = "sqlite:///{root}/db"\n'
+        f'spool_dir = "{root}/spool"\n[login]\ntoken_dir = "{root}/run"\n'
+        f'[producer]\nsocket = "{root}/none.sock"\n' + extra
+    )
+    return cfg

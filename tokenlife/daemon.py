@@ -112,8 +112,6 @@ class Daemon:
         server.shutdown()
         server.server_close()
         scheduler.shutdown(wait=True)  # the running tick finishes its batch
-        with self._lock:
-            pass
         return 0
 
 

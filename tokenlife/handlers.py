@@ -108,12 +108,12 @@ def revoke(args: argparse.Namespace) -> int:
     from producer.loginfile import token_path
     from repository.store import RenewalStore
     from tokenlife.fsutil import remove_file
-    from tokenlife.users import uid_of
+    from tokenlife.users import describe_uid, uid_of
 
     validate_name(args.user)
     config = _config(args)
     store = _store(config)
-    actor = _caller_name()
+    actor = describe_uid(os.getuid())
     count = RenewalStore(store).set_state(
         args.user, "revoked", "revoked", actor, args.reason, int(time.time())
     )
@@ -125,16 +125,6 @@ def revoke(args: argparse.Namespace) -> int:
         f"revoked {count} token(s) of {args.user}" + ("; removed its token file" if removed else "")
     )
     return 0
-
-
-def _caller_name() -> str:
-    from tokenlife.errors import UserError
-    from tokenlife.users import name_of
-
-    try:
-        return name_of(os.getuid())
-    except UserError:
-        return f"uid {os.getuid()}"
 
 
 def list_tokens(args: argparse.Namespace) -> int:

@@ -60,6 +60,14 @@ def name_of(uid: int) -> str:
         raise UserError(f"uid {uid} has no user name") from None
 
 
+def describe_uid(uid: int) -> str:
+    """The user name for audit trails and messages, or ``uid N`` if there is none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def uid_of(name: str) -> int | None:
     try:
         return pwd.getpwnam(name).pw_uid

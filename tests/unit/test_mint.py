@@ -15,7 +15,7 @@ from producer.keys import HS256Key
 from producer.mint import Minter
 from producer.spool import SpoolStore
 from repository.store import SqlTokenStore
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_cli_site
 from tokenlife.clock import FakeClock
 from tokenlife.config import Config, ProducerConfig, TokenConfig
 from tokenlife.errors import PermissionDenied
@@ -155,15 +155,7 @@ def test_spool_ingested_once(tmp_path: Path) -> None:
 
 
 def test_cli_mint_print_and_list(tmp_path: Path) -> None:
-    key = tmp_path / "k"
-    key.write_bytes(KEY)
-    key.chmod(0o600)
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(
-        f'[key]\npath = "{key}"\n[store]\nurl = "sqlite:///{tmp_path}/db"\n'
-        f'spool_dir = "{tmp_path}/spool"\n[login]\ntoken_dir = "{tmp_path}/run"\n'
-        f'[producer]\nsocket = "{tmp_path}/none.sock"\n'
-    )
+    cfg = write_cli_site(tmp_path, KEY)
     result = run_cli("-c", str(cfg), "mint", _ordinary(), "--print", "--lifetime", "1h")
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()

@@ -14,7 +14,7 @@ from producer.keys import HS256Key
 from producer.mint import Minter
 from repository.renewer import Renewer, retry_delay
 from repository.store import SqlTokenStore
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_cli_site
 from tokenlife.clock import FakeClock
 from tokenlife.config import Config, TokenConfig
 from tokenlife.errors import KeySourceError
@@ -148,16 +148,7 @@ def test_retry_delay() -> None:
 
 
 def test_cli_renew_and_revoke(tmp_path: Path) -> None:
-    key = tmp_path / "k"
-    key.write_bytes(KEY)
-    key.chmod(0o600)
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(
-        f'[key]\npath = "{key}"\n[store]\nurl = "sqlite:///{tmp_path}/db"\n'
-        f'spool_dir = "{tmp_path}/spool"\n[login]\ntoken_dir = "{tmp_path}/run"\n'
-        f'[producer]\nsocket = "{tmp_path}/none.sock"\n'
-        '[token]\nlifetime = "1h"\nrenew_until = "1d"\n'
-    )
+    cfg = write_cli_site(tmp_path, KEY, '[token]\nlifetime = "1h"\nrenew_until = "1d"\n')
     assert run_cli("-c", str(cfg), "mint", USER).returncode == 0
     before = next((tmp_path / "run").glob("*/slurm_jwt")).read_text()
     # Tokens have one-second resolution: a renewal within the second of
