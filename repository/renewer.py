@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 from producer.claims import build_claims
 from repository.policy import Expire, Policy, Refuse, Renew, Wait, decide, next_check
-from repository.store import Expired, Failed, Outcome, RenewalStore, Renewed, SqlTokenStore, Waiting
+from repository.renewal_store import Expired, Failed, Outcome, RenewalStore, Renewed, Waiting
+from repository.store import SqlTokenStore
 from tokenlife.clock import Clock, SystemClock
 from tokenlife.config import Config
 from tokenlife.errors import TokenlifeError

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, select
@@ -23,37 +21,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from producer.spool import SpoolStore
 from repository.migrate import migrate
 from repository.models import EventRow, TokenRow
+from repository.rows import audit, to_dt, to_epoch, to_record
 from tokenlife.errors import StoreError
-from tokenlife.model import ACTIVE, EXPIRED, TokenRecord
+from tokenlife.model import ACTIVE, TokenRecord
 
 log = logging.getLogger(__name__)
-
-
-def _dt(epoch: int) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)
-
-
-def _epoch(value: datetime) -> int:
-    return int(value.timestamp())
-
-
-def _record(row: TokenRow) -> TokenRecord:
-    return TokenRecord(
-        token_id=row.token_id,
-        user=row.user,
-        uid=row.uid,
-        gid=row.gid,
-        first_issued=_epoch(row.first_issued),
-        iat=_epoch(row.iat),
-        exp=_epoch(row.exp),
-        renew_until=_epoch(row.renew_until),
-        lifetime=row.lifetime,
-        key_id=row.key_id,
-        version=row.version,
-        state=row.state,
-        attempts=row.attempts,
-        token=row.token,
-    )
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
@@ -123,14 +95,14 @@ class SqlTokenStore:
                 .order_by(TokenRow.id.desc())
                 .limit(1)
             ).first()
-            return None if row is None else _record(row)
+            return None if row is None else to_record(row)
 
     def records(self, user: str | None = None) -> list[TokenRecord]:
         with self._session() as s:
             query = select(TokenRow).order_by(TokenRow.user, TokenRow.id)
             if user:
                 query = query.where(TokenRow.user == user)
-            return [_record(r) for r in s.scalars(query)]
+            return [to_record(r) for r in s.scalars(query)]
 
     def save(self, record: TokenRecord, event: str, actor: str, reason: str = "") -> None:
         with self._session() as s:
@@ -149,10 +121,10 @@ class SqlTokenStore:
                 user=record.user,
                 uid=record.uid,
                 gid=record.gid,
-                first_issued=_dt(record.first_issued),
-                iat=_dt(record.iat),
-                exp=_dt(record.exp),
-                renew_until=_dt(record.renew_until),
+                first_issued=to_dt(record.first_issued),
+                iat=to_dt(record.iat),
+                exp=to_dt(record.exp),
+                renew_until=to_dt(record.renew_until),
                 lifetime=record.lifetime,
                 key_id=record.key_id,
                 version=record.version,
@@ -160,13 +132,13 @@ class SqlTokenStore:
                 token=record.token,
                 # The next tick looks at a new token once and files it for
                 # its renewal window (the store knows no policy).
-                next_check=_dt(record.iat),
+                next_check=to_dt(record.iat),
                 attempts=0,
                 last_error="",
             )
         )
         s.flush()
-        _audit(s, record.iat, event, record.user, record.token_id, record.version, actor, reason)
+        audit(s, record.iat, event, record.user, record.token_id, record.version, actor, reason)
 
     def ingest_spool(self) -> int:
         """Import login-path records not yet stored (idempotent by token id)."""
@@ -209,7 +181,7 @@ class SqlTokenStore:
                 query = query.where(EventRow.user == user)
             return [
                 {
-                    "at": _epoch(e.at),
+                    "at": to_epoch(e.at),
                     "event": e.event,
                     "user": e.user,
                     "token_id": e.token_id,
@@ -243,137 +215,3 @@ def _reason(exc: BaseException) -> str:
     """The first line of the driver's message, without SQL or parameters."""
     orig = getattr(exc, "orig", None) or exc
     return str(orig).splitlines()[0] if str(orig) else type(orig).__name__
-
-
-# --- renewal ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Renewed:
-    token: str
-    iat: int
-    exp: int
-    next_check: int
-
-
-@dataclass(frozen=True)
-class Waiting:
-    until: int
-
-
-@dataclass(frozen=True)
-class Expired:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: str
-    retry_at: int
-
-
-Outcome = Renewed | Waiting | Expired | Failed
-
-
-def _audit(
-    s: Session,
-    at: int,
-    event: str,
-    user: str,
-    token_id: str,
-    version: int,
-    actor: str,
-    reason: str,
-) -> None:
-    """One audit event; never the token itself."""
-    s.add(
-        EventRow(
-            at=_dt(at),
-            event=event,
-            user=user,
-            token_id=token_id,
-            version=version,
-            actor=actor,
-            reason=reason,
-        )
-    )
-
-
-def _apply(s: Session, row: TokenRow, outcome: Outcome, now: int, actor: str) -> None:
-    if isinstance(outcome, Renewed):
-        row.token, row.iat, row.exp = outcome.token, _dt(outcome.iat), _dt(outcome.exp)
-        row.version += 1
-        row.next_check, row.attempts, row.last_error = _dt(outcome.next_check), 0, ""
-        event, reason = "renewed", ""
-    elif isinstance(outcome, Waiting):
-        row.next_check = _dt(outcome.until)
-        return
-    elif isinstance(outcome, Expired):
-        row.state, event, reason = EXPIRED, "expired", outcome.reason
-    else:
-        row.attempts += 1
-        row.last_error = outcome.error[:500]
-        row.next_check = _dt(outcome.retry_at)
-        event, reason = "failed", outcome.error[:500]
-    _audit(s, now, event, row.user, row.token_id, row.version, actor, reason)
-
-
-class RenewalStore:
-    """The renewer's view of SqlTokenStore: claim due rows, apply outcomes."""
-
-    def __init__(self, store: SqlTokenStore) -> None:
-        self.store = store
-
-    def process(
-        self,
-        now: int,
-        handle: Callable[[TokenRecord], Outcome],
-        actor: str,
-        user: str | None = None,
-        force: bool = False,
-        batch: int = 100,
-    ) -> list[tuple[TokenRecord, Outcome]]:
-        """Hand every due token to ``handle`` in batches, one transaction each.
-
-        On PostgreSQL rows are claimed with FOR UPDATE SKIP LOCKED, so
-        replicas share the work without waiting on each other; a crash rolls
-        the open batch back, leaving those tokens at their old version.
-        """
-        results: list[tuple[TokenRecord, Outcome]] = []
-        after = 0  # forced runs walk the table once by id
-        while True:
-            with self.store._session() as s:
-                query = select(TokenRow).where(TokenRow.state == ACTIVE)
-                if user:
-                    query = query.where(TokenRow.user == user)
-                if force:
-                    query = query.where(TokenRow.id > after).order_by(TokenRow.id)
-                else:
-                    query = query.where(TokenRow.next_check <= _dt(now)).order_by(
-                        TokenRow.next_check
-                    )
-                query = query.limit(batch)
-                if s.get_bind().dialect.name == "postgresql":
-                    query = query.with_for_update(skip_locked=True)
-                rows = list(s.scalars(query))
-                for row in rows:
-                    record = _record(row)
-                    outcome = handle(record)
-                    _apply(s, row, outcome, now, actor)
-                    results.append((record, outcome))
-                    after = max(after, row.id)
-            if len(rows) < batch:
-                return results
-
-    def set_state(
-        self, user: str, state: str, event: str, actor: str, reason: str, now: int
-    ) -> int:
-        """Mark the user's active tokens ``state`` (revoke); returns how many."""
-        with self.store._session() as s:
-            rows = list(
-                s.scalars(select(TokenRow).where(TokenRow.user == user, TokenRow.state == ACTIVE))
-            )
-            for row in rows:
-                row.state = state
-                _audit(s, now, event, user, row.token_id, row.version, actor, reason)
-            return len(rows)

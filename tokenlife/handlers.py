@@ -106,7 +106,7 @@ def revoke(args: argparse.Namespace) -> int:
     import time
 
     from producer.loginfile import token_path
-    from repository.store import RenewalStore
+    from repository.renewal_store import RenewalStore
     from tokenlife.fsutil import remove_file
     from tokenlife.users import describe_uid, uid_of
 
