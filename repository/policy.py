@@ -81,3 +81,12 @@ def next_check(record: TokenRecord, policy: Policy) -> int:
     if record.exp >= record.renew_until:
         return record.renew_until
     return min(policy.due_at(record), record.renew_until)
+
+
+def rotation(record: TokenRecord, now: int) -> Decision:
+    """Re-mint under a new key: the renewal limit still holds, the window does not."""
+    if record.state != ACTIVE:
+        return Refuse(f"token is {record.state}")
+    if now >= record.renew_until:
+        return Expire("past renew-until")
+    return Renew(min(now + record.lifetime, record.renew_until))

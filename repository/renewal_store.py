@@ -20,6 +20,8 @@ class Renewed:
     iat: int
     exp: int
     next_check: int
+    key_id: str
+    event: str = "renewed"  # or "rotated"
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,9 @@ def _apply(s: Session, row: TokenRow, outcome: Outcome, now: int, actor: str) ->
     if isinstance(outcome, Renewed):
         row.token, row.iat, row.exp = outcome.token, to_dt(outcome.iat), to_dt(outcome.exp)
         row.version += 1
+        row.key_id = outcome.key_id
         row.next_check, row.attempts, row.last_error = to_dt(outcome.next_check), 0, ""
-        event, reason = "renewed", ""
+        event, reason = outcome.event, ""
     elif isinstance(outcome, Waiting):
         row.next_check = to_dt(outcome.until)
         return
@@ -74,12 +77,15 @@ class RenewalStore:
         user: str | None = None,
         force: bool = False,
         batch: int = 100,
+        not_key: str | None = None,
     ) -> list[tuple[TokenRecord, Outcome]]:
         """Hand every due token to ``handle`` in batches, one transaction each.
 
         On PostgreSQL rows are claimed with FOR UPDATE SKIP LOCKED, so
         replicas share the work without waiting on each other; a crash rolls
         the open batch back, leaving those tokens at their old version.
+        ``force`` hands over every active token; ``not_key`` every active
+        token not signed by that key id (key rotation).
         """
         results: list[tuple[TokenRecord, Outcome]] = []
         after = 0  # forced runs walk the table once by id
@@ -88,7 +94,9 @@ class RenewalStore:
                 query = select(TokenRow).where(TokenRow.state == ACTIVE)
                 if user:
                     query = query.where(TokenRow.user == user)
-                if force:
+                if not_key is not None:
+                    query = query.where(TokenRow.key_id != not_key)
+                if force or not_key is not None:
                     query = query.where(TokenRow.id > after).order_by(TokenRow.id)
                 else:
                     query = query.where(TokenRow.next_check <= to_dt(now)).order_by(

@@ -12,11 +12,21 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from producer.claims import build_claims
-from repository.policy import Expire, Policy, Refuse, Renew, Wait, decide, next_check
+from repository.policy import (
+    Decision,
+    Expire,
+    Policy,
+    Refuse,
+    Renew,
+    Wait,
+    decide,
+    next_check,
+    rotation,
+)
 from repository.renewal_store import Expired, Failed, Outcome, RenewalStore, Renewed, Waiting
 from repository.store import SqlTokenStore
 from tokenlife.clock import Clock, SystemClock
@@ -24,7 +34,7 @@ from tokenlife.config import Config
 from tokenlife.errors import TokenlifeError
 from tokenlife.interfaces import KeySource
 from tokenlife.model import TokenRecord
-from tokenlife.users import lookup
+from tokenlife.users import UserInfo, lookup
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +90,7 @@ class Renewer:
         clock: Clock | None = None,
         listeners: list[RenewalListener] | None = None,
         actor: str = "renewer",
+        users: Callable[[str], UserInfo] = lookup,
     ) -> None:
         self.config = config
         self.key_source = key_source
@@ -88,14 +99,47 @@ class Renewer:
         self.policy = Policy.from_config(config.token)
         self.listeners = listeners or []
         self.actor = actor
+        self.users = users  # the user database (injectable for benchmarks)
 
     def tick(self, user: str | None = None, force: bool = False) -> Summary:
+        """Renew what is due (``force``: everything renewable), expire what is past."""
         now = int(self.clock.now())
+        return self._run(
+            now,
+            lambda r: decide(r, self.policy, now, force),
+            self.key_source,
+            "renewed",
+            user=user,
+            force=force,
+        )
+
+    def rotate(self, key_source: KeySource, user: str | None = None) -> Summary:
+        """Re-mint every live token not yet signed by ``key_source``'s key.
+
+        Idempotent: a second run (after a crash, say) only does what is left.
+        """
+        now = int(self.clock.now())
+        key_id = key_source.load().key_id
+        return self._run(
+            now, lambda r: rotation(r, now), key_source, "rotated", user=user, not_key=key_id
+        )
+
+    def _run(
+        self,
+        now: int,
+        decision_of: Callable[[TokenRecord], Decision],
+        key_source: KeySource,
+        event: str,
+        user: str | None = None,
+        force: bool = False,
+        not_key: str | None = None,
+    ) -> Summary:
         summary = Summary()
-        key: list[Any] = []  # loaded at the first renewal, once per tick
+        key: list[Any] = []  # loaded at the first renewal, once per run
+        infos: dict[str, UserInfo] = {}  # one user database lookup per user and run
 
         def handle(record: TokenRecord) -> Outcome:
-            decision = decide(record, self.policy, now, force)
+            decision = decision_of(record)
             if isinstance(decision, Wait):
                 return Waiting(decision.until)
             if isinstance(decision, Expire | Refuse):
@@ -103,24 +147,32 @@ class Renewer:
             assert isinstance(decision, Renew)
             try:
                 if not key:
-                    key.append(self.key_source.load())
-                info = lookup(record.user)
+                    key.append(key_source.load())
+                info = infos.get(record.user) or infos.setdefault(
+                    record.user, self.users(record.user)
+                )
                 if info.uid != record.uid:
                     return Expired(f"user {record.user} now has uid {info.uid}")
                 token = key[0].sign(build_claims(info, now, decision.new_exp))
             except TokenlifeError as exc:
                 delay = retry_delay(record.attempts, record.exp - now)
                 return Failed(str(exc), now + delay)
-            fresh = _renewed(record, now, decision.new_exp, token)
-            return Renewed(token, now, decision.new_exp, next_check(fresh, self.policy))
+            fresh = _renewed(record, now, decision.new_exp, token, key[0].key_id)
+            return Renewed(
+                token, now, decision.new_exp, next_check(fresh, self.policy), key[0].key_id, event
+            )
 
         renewed: list[TokenRecord] = []
-        for record, outcome in self.store.process(now, handle, self.actor, user, force):
+        results = self.store.process(now, handle, self.actor, user, force, not_key=not_key)
+        for record, outcome in results:
             if isinstance(outcome, Renewed):
                 summary.renewed += 1
-                renewed.append(_renewed(record, outcome.iat, outcome.exp, outcome.token))
+                renewed.append(
+                    _renewed(record, outcome.iat, outcome.exp, outcome.token, outcome.key_id)
+                )
                 log.info(
-                    "renewed token %s of %s to v%d, exp %d",
+                    "%s token %s of %s to v%d, exp %d",
+                    event,
                     record.token_id,
                     record.user,
                     record.version + 1,
@@ -148,7 +200,5 @@ class Renewer:
         return summary
 
 
-def _renewed(record: TokenRecord, iat: int, exp: int, token: str) -> TokenRecord:
-    from dataclasses import replace
-
-    return replace(record, iat=iat, exp=exp, version=record.version + 1, token=token)
+def _renewed(record: TokenRecord, iat: int, exp: int, token: str, key_id: str) -> TokenRecord:
+    return replace(record, iat=iat, exp=exp, version=record.version + 1, token=token, key_id=key_id)

@@ -84,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--now", action="store_true", help="treat every renewable token as due")
     rn.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    rk = sub.add_parser(
+        "rotate-key",
+        help="re-mint every live token with the new signing key",
+        description="Re-mint every active token that is not yet signed by the new key "
+        "(the configured one, or --key), keeping its renew-until; refresh login token files.  "
+        "Safe to re-run.  See docs/rotation.md for the procedure around slurmctld.",
+    )
+    rk.add_argument("--key", type=Path, help="the new key file (default: the configured key)")
+    rk.add_argument("--user", help="only this user's token")
+    rk.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     rv = sub.add_parser("revoke", help="stop renewing USER's token and remove its token file")
     rv.add_argument("user")
     rv.add_argument("--reason", default="", help="recorded in the audit trail")
@@ -115,6 +126,7 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
         "list": handlers.list_tokens,
         "renew": handlers.renew,
         "revoke": handlers.revoke,
+        "rotate-key": handlers.rotate_key,
         "serve": handlers.serve,
         "config": handlers.config_check,
         "jwks": handlers.jwks,

@@ -92,14 +92,48 @@ def renew(args: argparse.Namespace) -> int:
         _store(config),
         listeners=[LoginFiles(config.login.token_dir)],
     )
-    summary = renewer.tick(args.user, force=args.now)
-    if args.json:
+    return _print_summary(renewer.tick(args.user, force=args.now), args.json, "tokenlife-renew")
+
+
+def _print_summary(summary: Any, as_json: bool, command: str) -> int:
+    if as_json:
         print(json.dumps(summary.as_dict(), indent=2))
     else:
         print(summary.line())
         for error in summary.errors:
-            print(f"tokenlife-renew: {error}", file=sys.stderr)
+            print(f"{command}: {error}", file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def rotate_key(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from producer.keys import make_key_source
+    from repository.listeners import LoginFiles
+    from repository.renewer import Renewer
+
+    if args.user:
+        validate_name(args.user)
+    config = _config(args)
+    new_config = config.key
+    if args.key is not None:
+        new_config = dataclasses.replace(config.key, source="file", path=args.key, kid=None)
+    new_source = make_key_source(new_config)
+    new_source.load()  # refuse a bad new key before anything is touched
+    renewer = Renewer(
+        config,
+        make_key_source(config.key),
+        _store(config),
+        listeners=[LoginFiles(config.login.token_dir)],
+        actor=f"rotate-key by {_caller()}",
+    )
+    return _print_summary(renewer.rotate(new_source, args.user), args.json, "tokenlife-rotate-key")
+
+
+def _caller() -> str:
+    from tokenlife.users import describe_uid
+
+    return describe_uid(os.getuid())
 
 
 def revoke(args: argparse.Namespace) -> int:

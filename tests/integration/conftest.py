@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require, require_root, require_tool
+from tests.integration.harness.postgres import PG_BIN, PostgresServer
 from tests.integration.harness.slurm import SlurmCluster
 from tests.integration.harness.users import ALICE, BOB, ensure_user
 
@@ -108,3 +109,18 @@ def slurm(test_users: tuple[str, str]) -> Iterator[SlurmSite]:
             cluster.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    require_root()
+    for tool in ("initdb", "pg_ctl", "postgres"):
+        require((PG_BIN / tool).exists(), f"needs PostgreSQL 15 ({PG_BIN / tool})")
+    require_tool("setpriv")
+    # A server time zone far from UTC: the store must not depend on it.
+    server = PostgresServer(settings={"timezone": "'Pacific/Chatham'"})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -26,8 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from producer.spool import SpoolStore
 from repository.store import SqlTokenStore
-from tests.conftest import require, require_root, require_tool
-from tests.integration.harness.postgres import PG_BIN, PostgresServer, free_port
+from tests.integration.harness.postgres import PostgresServer, free_port
 from tokenlife.errors import StoreError
 from tokenlife.model import ACTIVE, EXPIRED, TokenRecord
 
@@ -37,24 +36,6 @@ Y2100 = 4_102_444_800  # 2100-01-01T00:00:00Z
 MAX_ID = 4_294_967_294  # the largest valid uid/gid (2^32 - 2; -1 means "none")
 SIGNING_KEY = secrets.token_bytes(32)
 StoreFactory = Callable[..., SqlTokenStore]
-
-
-# -- real PostgreSQL, one cluster per session ---------------------------------
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    require_root()
-    for tool in ("initdb", "pg_ctl", "postgres"):
-        require((PG_BIN / tool).exists(), f"needs PostgreSQL 15 ({PG_BIN / tool})")
-    require_tool("setpriv")
-    # A server time zone far from UTC: the store must not depend on it.
-    server = PostgresServer(settings={"timezone": "'Pacific/Chatham'"})
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
