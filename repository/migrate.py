@@ -8,7 +8,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD = "0002"
+HEAD = "0003"
 
 
 def _alembic_config(connection: Connection) -> object:
@@ -34,9 +34,27 @@ def current(connection: Connection) -> str | None:
 
 def migrate(engine: Engine, revision: str = "head") -> None:
     """Upgrade to ``revision``; replicas on PostgreSQL take turns (advisory lock)."""
-    with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(74657)"))  # 'tl'
-        if revision == "head" and current(connection) == HEAD:
-            return  # the common case: nothing to do, no Alembic script loading
-        upgrade(connection, revision)
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # SQLite rebuilds a table to alter it (Alembic batch mode); with
+            # foreign keys enforced, dropping the old copy of a referenced
+            # table fails.  The pragma only works outside a transaction, so
+            # it goes to the driver directly (no BEGIN from SQLAlchemy).
+            _raw_sqlite(connection, "PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                if not sqlite:
+                    connection.execute(text("SELECT pg_advisory_xact_lock(74657)"))  # 'tl'
+                if revision == "head" and current(connection) == HEAD:
+                    return  # the common case: nothing to do, no Alembic script loading
+                upgrade(connection, revision)
+        finally:
+            if sqlite:
+                _raw_sqlite(connection, "PRAGMA foreign_keys=ON")
+
+
+def _raw_sqlite(connection: Connection, statement: str) -> None:
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    raw.execute(statement)

@@ -9,12 +9,12 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
-    ForeignKey,
     Index,
     Integer,
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -76,15 +76,58 @@ class TokenRow(Base):
 
 
 class EventRow(Base):
-    """Audit trail: what happened to which token, by whom, why.  Never the token."""
+    """Audit trail: what happened to which token, by whom, why.  Never the token.
+
+    ``token_id`` is deliberately no foreign key: the trail outlives purged tokens.
+    """
 
     __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_token_id", "token_id"),
+        Index("ix_events_at", "at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     event: Mapped[str] = mapped_column(String(16))
     user: Mapped[str] = mapped_column(String(32))
-    token_id: Mapped[str | None] = mapped_column(ForeignKey("tokens.token_id"), nullable=True)
+    token_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     actor: Mapped[str] = mapped_column(String(64))
     reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class DeliveryRow(Base):
+    """Which token version a worker node holds for a user, and what is owed.
+
+    One row per (user, node) while the user has work there (``last_seen`` is
+    when a job source last said so); ``removing`` once the work is gone or
+    the token was revoked, until the node's file is deleted and the row with it.
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("user", "node", name="uq_deliveries_user_node"),
+        CheckConstraint(
+            "status IN ('pending', 'delivered', 'failed', 'removing')",
+            name="ck_deliveries_status",
+        ),
+        CheckConstraint("attempts >= 0", name="ck_deliveries_attempts"),
+        CheckConstraint("version >= 0", name="ck_deliveries_version"),
+        Index("ix_deliveries_next_attempt", "next_attempt"),
+        Index("ix_deliveries_node", "node"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user: Mapped[str] = mapped_column(String(32))
+    uid: Mapped[int] = mapped_column(BigInteger)
+    node: Mapped[str] = mapped_column(String(255))
+    #: the token id and version the node holds ("" and 0: nothing yet)
+    token_id: Mapped[str] = mapped_column(String(32), default="")
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    next_attempt: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, delete, event, func, select
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,17 +28,27 @@ from tokenlife.model import ACTIVE, TokenRecord
 log = logging.getLogger(__name__)
 
 
-def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
-    # WAL lets a timer run and a manual run read while one writes; the busy
-    # timeout makes the second writer wait instead of failing at once.
+def _sqlite_connect(dbapi_connection: object, _record: object) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN, not the driver (see below).
+    dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
     cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    # WAL lets readers go on while one writes; the busy timeout makes the
+    # second writer wait instead of failing at once.
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA busy_timeout=30000")
     # WAL + NORMAL: never corrupt, at worst the last commits before a power
     # cut are lost (the user's next login mints again); saves an fsync per mint.
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    # Every transaction takes the write lock at BEGIN, so one that reads due
+    # tokens and then renews them cannot be overtaken by another process (a
+    # timer run beside a manual run): the second waits for the first batch to
+    # commit, then sees its result.  SQLite has no row locks to do better.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:
@@ -47,7 +57,8 @@ def make_engine(url: str) -> Engine:
         if path and path != ":memory:":
             Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         engine = create_engine(url, hide_parameters=True)
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
@@ -173,6 +184,36 @@ class SqlTokenStore:
                     raise
                 log.warning("ignoring spool record %s: %s", path.name, exc)
         return count
+
+    def purge(
+        self, before: int, events_before: int | None, actor: str, now: int, dry_run: bool = False
+    ) -> tuple[list[TokenRecord], int]:
+        """Delete tokens whose renew-until is before ``before`` (any state).
+
+        Each deletion is audited ("purged"); the trail itself is kept unless
+        ``events_before`` asks to drop events older than that.  Returns the
+        purged records and the number of events dropped.
+        """
+        with self._session() as s:
+            rows = list(
+                s.scalars(
+                    select(TokenRow)
+                    .where(TokenRow.renew_until < to_dt(before))
+                    .order_by(TokenRow.id)
+                )
+            )
+            purged = [to_record(row) for row in rows]
+            dropped = 0
+            if events_before is not None:
+                old = EventRow.at < to_dt(events_before)
+                dropped = s.scalar(select(func.count()).select_from(EventRow).where(old)) or 0
+                if not dry_run:
+                    s.execute(delete(EventRow).where(old))
+            if not dry_run:
+                for row in rows:
+                    s.delete(row)
+                    audit(s, now, "purged", row.user, row.token_id, row.version, actor, "")
+            return purged, dropped
 
     def events(self, user: str | None = None) -> list[dict[str, object]]:
         with self._session() as s:

@@ -99,7 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("user")
     rv.add_argument("--reason", default="", help="recorded in the audit trail")
 
-    ls = sub.add_parser("list", help="stored tokens (never the token itself)")
+    pg = sub.add_parser(
+        "purge",
+        help="delete tokens past their renew-until plus store.purge_after",
+        description="Delete stored tokens whose renew-until lies more than store.purge_after "
+        "(default 7d) in the past, in any state; each deletion is audited.  The audit trail "
+        "is kept unless --events-older-than is given.",
+    )
+    pg.add_argument(
+        "--events-older-than",
+        type=_duration,
+        metavar="D",
+        help="also drop audit events older than D",
+    )
+    pg.add_argument("--dry-run", action="store_true", help="show what would be deleted")
+    pg.add_argument("--json", action="store_true")
+
+    ls = sub.add_parser(
+        "list",
+        help="stored tokens with delivery status (never the token itself)",
+        description="Stored tokens: state, version, exp, renew-until and, for active tokens, "
+        "how many of the nodes that need the token hold its current version (NODES).",
+    )
     ls.add_argument("--user")
     ls.add_argument("--json", action="store_true")
 
@@ -127,6 +148,7 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
         "renew": handlers.renew,
         "revoke": handlers.revoke,
         "rotate-key": handlers.rotate_key,
+        "purge": handlers.purge,
         "serve": handlers.serve,
         "config": handlers.config_check,
         "jwks": handlers.jwks,

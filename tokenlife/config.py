@@ -76,6 +76,8 @@ class StoreConfig:
     url: str = "sqlite:////var/lib/tokenlife/tokenlife.db"
     #: where the login path leaves its records for the repository to ingest
     spool_dir: Path = Path("/var/lib/tokenlife/spool")
+    #: ``purge`` deletes tokens this long after their renew-until
+    purge_after: int = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -342,6 +344,7 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
     store = StoreConfig(
         url=t.take("url", _store_url, d.store.url),
         spool_dir=t.take("spool_dir", _abspath, d.store.spool_dir),
+        purge_after=t.take("purge_after", _duration, d.store.purge_after),
     )
     t.done()
 

@@ -12,7 +12,7 @@ from typing import Any
 from tokenlife import config as configmod
 from tokenlife.config import Config
 from tokenlife.errors import ConfigError, TokenlifeError
-from tokenlife.model import TokenRecord
+from tokenlife.model import ACTIVE, DeliveryRecord, TokenRecord
 from tokenlife.users import validate_name
 
 
@@ -140,6 +140,7 @@ def revoke(args: argparse.Namespace) -> int:
     import time
 
     from producer.loginfile import token_path
+    from repository.delivery_store import DeliveryStore
     from repository.renewal_store import RenewalStore
     from tokenlife.fsutil import remove_file
     from tokenlife.users import describe_uid, uid_of
@@ -148,33 +149,95 @@ def revoke(args: argparse.Namespace) -> int:
     config = _config(args)
     store = _store(config)
     actor = describe_uid(os.getuid())
-    count = RenewalStore(store).set_state(
-        args.user, "revoked", "revoked", actor, args.reason, int(time.time())
-    )
+    now = int(time.time())
+    count = RenewalStore(store).set_state(args.user, "revoked", "revoked", actor, args.reason, now)
     if count == 0:
         raise TokenlifeError(f"{args.user} has no active token")
+    nodes = DeliveryStore(store).request_removal(args.user, now)
     uid = uid_of(args.user)
     removed = uid is not None and remove_file(token_path(config.login.token_dir, uid))
     print(
-        f"revoked {count} token(s) of {args.user}" + ("; removed its token file" if removed else "")
+        f"revoked {count} token(s) of {args.user}"
+        + ("; removed its token file" if removed else "")
+        + (f"; removal from {nodes} node(s) queued" if nodes else "")
     )
+    return 0
+
+
+def purge(args: argparse.Namespace) -> int:
+    import time
+
+    config = _config(args)
+    now = int(time.time())
+    purged, dropped = _store(config).purge(
+        before=now - config.store.purge_after,
+        events_before=now - args.events_older_than if args.events_older_than else None,
+        actor=_caller(),
+        now=now,
+        dry_run=args.dry_run,
+    )
+    verb = "would purge" if args.dry_run else "purged"
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "dry_run": args.dry_run,
+                    "tokens": [r.public() for r in purged],
+                    "events": dropped,
+                },
+                indent=2,
+            )
+        )
+    else:
+        for record in purged:
+            print(
+                f"{verb} {record.user} token {record.token_id} v{record.version} "
+                f"(renew-until {_iso(record.renew_until)}, {record.state})"
+            )
+        print(
+            f"{verb} {len(purged)} token(s)" + (f" and {dropped} audit event(s)" if dropped else "")
+        )
     return 0
 
 
 def list_tokens(args: argparse.Namespace) -> int:
     if args.user:
         validate_name(args.user)
-    records: list[TokenRecord] = _store(_config(args)).records(args.user)
+    from repository.delivery_store import DeliveryStore
+
+    store = _store(_config(args))
+    records: list[TokenRecord] = store.records(args.user)
+    by_user: dict[str, list[DeliveryRecord]] = {}
+    for d in DeliveryStore(store).deliveries(args.user):
+        by_user.setdefault(d.user, []).append(d)
     if args.json:
-        print(json.dumps([r.public() for r in records], indent=2))
+        out = []
+        for r in records:
+            nodes = by_user.get(r.user, []) if r.state == ACTIVE else []
+            out.append({**r.public(), "delivery": [d.public() for d in nodes]})
+        print(json.dumps(out, indent=2))
         return 0
-    print(f"{'USER':<16} {'STATE':<8} {'VER':>3} {'EXPIRES':<20} {'RENEW-UNTIL':<20} TOKEN-ID")
+    print(
+        f"{'USER':<16} {'STATE':<8} {'VER':>3} {'EXPIRES':<20} {'RENEW-UNTIL':<20} "
+        f"{'NODES':<14} TOKEN-ID"
+    )
     for r in records:
+        column = _delivery_column(r, by_user.get(r.user, [])) if r.state == ACTIVE else "-"
         print(
             f"{r.user:<16} {r.state:<8} {r.version:>3} {_iso(r.exp):<20} "
-            f"{_iso(r.renew_until):<20} {r.token_id}"
+            f"{_iso(r.renew_until):<20} {column:<14} {r.token_id}"
         )
     return 0
+
+
+def _delivery_column(record: TokenRecord, deliveries: list[DeliveryRecord]) -> str:
+    """ "2/3 current, 1 failed": how many nodes hold this version, of those that need it."""
+    needed = [d for d in deliveries if d.status != "removing"]
+    if not needed:
+        return "-"
+    text = f"{sum(d.holds(record) for d in needed)}/{len(needed)} current"
+    failed = sum(d.status == "failed" for d in needed)
+    return text + (f", {failed} failed" if failed else "")
 
 
 def config_check(args: argparse.Namespace) -> int:

@@ -55,3 +55,27 @@ class TokenRecord:
     @classmethod
     def from_spool(cls, data: dict[str, Any]) -> TokenRecord:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """What one worker node holds of a user's token, and what is owed to it."""
+
+    user: str
+    uid: int
+    node: str
+    token_id: str  # "" until the first delivery
+    version: int  # 0 until the first delivery
+    status: str  # pending, delivered, failed, removing
+    attempts: int
+    last_error: str
+    next_attempt: int
+    last_seen: int
+    updated: int
+
+    def public(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    def holds(self, record: TokenRecord) -> bool:
+        """Whether the node has exactly this token version."""
+        return self.token_id == record.token_id and self.version == record.version

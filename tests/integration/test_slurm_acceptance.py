@@ -10,6 +10,7 @@ import pwd
 import time
 from pathlib import Path
 
+import jwt
 import pytest
 
 from producer.keys import FileKeySource
@@ -136,3 +137,40 @@ def test_scontrol_token_baseline_agrees(slurm: SlurmSite, test_users: tuple[str,
     theirs = slurm.cluster.scontrol_token(alice, 600)
     for token in (ours, theirs):
         assert_accepted(slurm, alice, token)
+
+
+def login_token(cfg: Path, user: str) -> str:
+    path = configmod.load(cfg).login.token_dir / str(pwd.getpwnam(user).pw_uid) / "slurm_jwt"
+    return path.read_text()
+
+
+def test_renewed_token_accepted(slurm: SlurmSite, test_users: tuple[str, str]) -> None:
+    """`tokenlife renew` re-mints a token Slurm accepts, with a later exp, same identity."""
+    alice, _ = test_users
+    cfg = slurm.config("renew")
+    first = mint(cfg, alice, "--lifetime", "10m")
+    time.sleep(1.1)  # iat has one-second resolution: make the new one differ
+    result = run_cli("-c", str(cfg), "renew", "--now", "--json")
+    assert result.returncode == 0 and '"renewed": 1' in result.stdout, result.stdout + result.stderr
+    renewed = login_token(cfg, alice)
+    assert renewed != first
+    old, new = (jwt.decode(t, options={"verify_signature": False}) for t in (first, renewed))
+    assert new["sun"] == old["sun"] == alice and new["exp"] > old["exp"]
+    assert_accepted(slurm, alice, renewed)
+
+
+def test_rotated_token_accepted(slurm: SlurmSite, test_users: tuple[str, str]) -> None:
+    """A token minted under a key Slurm does not trust, rotated to the key it does."""
+    alice, bob = test_users
+    staged = write_hs_key(slurm.work / "retired.key")
+    cfg = slurm.config("rotate", key=staged)
+    before = {user: mint(cfg, user) for user in (alice, bob)}
+    assert_rejected(slurm, alice, before[alice])
+    result = run_cli("-c", str(cfg), "rotate-key", "--key", str(slurm.hs_key), "--json")
+    assert result.returncode == 0 and '"renewed": 2' in result.stdout, result.stdout + result.stderr
+    for user in (alice, bob):
+        rotated = login_token(cfg, user)
+        assert rotated != before[user]
+        assert_accepted(slurm, user, rotated)
+    again = run_cli("-c", str(cfg), "rotate-key", "--key", str(slurm.hs_key), "--json")
+    assert again.returncode == 0 and '"renewed": 0' in again.stdout, again.stdout

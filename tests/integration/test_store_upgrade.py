@@ -1,0 +1,111 @@
+"""Upgrading a store made by the first release, on SQLite and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from repository.migrate import HEAD, current, migrate
+from repository.store import SqlTokenStore
+from tests.integration.harness.postgres import PostgresServer
+from tokenlife.model import TokenRecord
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/old.db"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    name = f"upgrade_{secrets.token_hex(4)}"
+    url = server.create_database(name)
+    try:
+        yield url
+    finally:
+        server.drop_database(name)
+
+
+def test_upgrade_from_0001_keeps_tokens_and_the_audit_trail(empty_url: str) -> None:
+    engine = create_engine(empty_url)
+    migrate(engine, "0001")
+    with engine.begin() as c:
+        c.execute(
+            text(
+                'INSERT INTO tokens (token_id, "user", uid, gid, first_issued, iat, exp, '
+                "renew_until, lifetime, key_id, version, state, token) VALUES "
+                "('abc', 'alice', 1000, 1000, '2026-01-01 00:00:00', '2026-01-01 00:00:00', "
+                "'2026-01-03 00:00:00', '2026-01-08 00:00:00', 172800, 'k', 3, 'active', 'a.b.c')"
+            )
+        )
+        for event in ("minted", "renewed"):
+            c.execute(
+                text(
+                    'INSERT INTO events (at, event, "user", token_id, version, actor, reason) '
+                    "VALUES ('2026-01-01 00:00:00', :event, 'alice', 'abc', 3, 'pam', '')"
+                ),
+                {"event": event},
+            )
+    engine.dispose()
+
+    store = SqlTokenStore(empty_url)
+    try:
+        check_upgraded(store)
+    finally:
+        store.engine.dispose()
+
+
+def check_upgraded(store: SqlTokenStore) -> None:
+    record = store.current("alice")
+    assert record is not None
+    assert (record.version, record.token, record.attempts, record.exp) == (
+        3,
+        "a.b.c",
+        0,
+        1767398400,  # 2026-01-03T00:00:00Z
+    )
+    with store.engine.connect() as c:
+        assert current(c) == HEAD
+    inspector = inspect(store.engine)
+    assert {"next_check", "attempts", "last_error"} <= {
+        col["name"] for col in inspector.get_columns("tokens")
+    }
+    assert "deliveries" in inspector.get_table_names()
+    assert inspector.get_foreign_keys("events") == []
+    old_trail = store.events("alice")
+    assert [(e["event"], e["token_id"]) for e in old_trail] == [
+        ("minted", "abc"),
+        ("renewed", "abc"),
+    ]
+
+    # New events continue after the copied ones (PostgreSQL's id sequence moved on).
+    store.save(
+        TokenRecord(
+            "def",
+            "alice",
+            1000,
+            1000,
+            1_800_000_000,
+            1_800_000_000,
+            1_800_003_600,
+            1_800_086_400,
+            3600,
+            token="d.e.f",
+        ),
+        "minted",
+        "test",
+    )
+    trail = store.events("alice")
+    assert len(trail) == 3 and trail[-1]["token_id"] == "def"
+
+    # Purging the old token keeps its history.
+    purged, _ = store.purge(1_800_000_000, None, "test", 1_800_000_000)
+    assert [r.token_id for r in purged] == ["abc"]
+    assert [e["event"] for e in store.events("alice") if e["token_id"] == "abc"] == [
+        "minted",
+        "renewed",
+        "purged",
+    ]
