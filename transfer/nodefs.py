@@ -1,0 +1,189 @@
+"""Installing a token file on a node, written once for every transport.
+
+A transport only supplies file operations (``NodeFS``: the local file system,
+or SFTP on a remote node); the protocol that makes a delivery safe is here:
+
+* the file is written under a temporary name in the user's directory,
+  created exclusively with mode 0600, handed to the user through the open
+  handle (never a path a user could swap for a symlink), then renamed over
+  the old one: readers see the old token or the new one, never a mix, and
+  there is no moment when anyone else can read it;
+* the token's ``iat`` is stored as the file's mtime, and the rename happens
+  only under a per-user lock in the root-owned base directory and only if
+  the file there is older: two pushers, or a slow retry arriving late,
+  never put an older token over a newer one.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import stat
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from tokenlife.errors import TransportError
+from transfer.tokenfile import FILE_NAME, TokenFile
+
+log = logging.getLogger(__name__)
+
+#: a lock older than this was left by a pusher that died: break it
+LOCK_STALE = 60.0
+#: how long to wait for another pusher's lock
+LOCK_WAIT = 10.0
+
+INSTALLED, UNCHANGED, NEWER_THERE = "installed", "unchanged", "newer-there"
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    mode: int  # st_mode, with the type bits
+    uid: int
+    gid: int
+    size: int
+    mtime: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+Owner = tuple[int, int] | None  # (uid, gid) to hand a file to; None: keep ours
+
+
+class NodeFS(Protocol):
+    """File operations on one node, by absolute path.  Errors: OSError."""
+
+    #: the uid files are created as there (root for a normal delivery)
+    own_uid: int
+
+    def lstat(self, path: str) -> FileInfo | None: ...
+
+    def mkdir(self, path: str, mode: int, owner: Owner) -> None: ...
+
+    def fix_dir(self, path: str, mode: int, owner: Owner) -> None: ...
+
+    def create(self, path: str, data: bytes, mode: int, owner: Owner, mtime: int | None) -> bool:
+        """Create exclusively (False if it exists), write, sync, set owner and mtime."""
+        ...
+
+    def rename(self, src: str, dst: str) -> None:
+        """Atomically replace ``dst`` (POSIX rename)."""
+        ...
+
+    def remove(self, path: str) -> bool: ...
+
+    def rmdir(self, path: str) -> bool: ...
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts)
+
+
+def user_dir(base: str, uid: int) -> str:
+    return _join(base, str(uid))
+
+
+def file_path(base: str, uid: int) -> str:
+    return _join(base, str(uid), FILE_NAME)
+
+
+def install(fs: NodeFS, base: str, tf: TokenFile) -> str:
+    """Put ``tf`` at <base>/<uid>/slurm_jwt unless a newer token is there.
+
+    Returns INSTALLED, UNCHANGED (this very token is there) or NEWER_THERE.
+    Raises OSError or TransportError; nothing half-written stays behind.
+    """
+    _ensure_dirs(fs, base, tf.uid, tf.gid)
+    target = file_path(base, tf.uid)
+    current = fs.lstat(target)
+    if _same(current, tf) or (current is not None and current.mtime > tf.order):
+        return UNCHANGED if _same(current, tf) else NEWER_THERE
+    temp = _join(user_dir(base, tf.uid), f".{FILE_NAME}.{secrets.token_hex(6)}.tmp")
+    if not fs.create(temp, tf.data(), 0o600, (tf.uid, tf.gid), tf.order):
+        raise TransportError(f"temporary file {temp} exists")
+    renamed = False
+    try:
+        with _Lock(fs, base, tf.uid):
+            current = fs.lstat(target)  # again, now that nobody else can change it
+            if current is not None and current.is_file and current.mtime > tf.order:
+                return NEWER_THERE
+            fs.rename(temp, target)
+            renamed = True
+            return INSTALLED
+    finally:
+        if not renamed:
+            fs.remove(temp)
+
+
+def remove(fs: NodeFS, base: str, uid: int) -> bool:
+    """Delete the user's token file (and directory, if empty); True if one was there."""
+    if fs.lstat(user_dir(base, uid)) is None:
+        return False
+    with _Lock(fs, base, uid):
+        removed = fs.remove(file_path(base, uid))
+    fs.rmdir(user_dir(base, uid))  # fails harmlessly if the user left files there
+    return removed
+
+
+def _same(current: FileInfo | None, tf: TokenFile) -> bool:
+    """The file already holds this token: same iat, size, owner and mode."""
+    return (
+        current is not None
+        and current.is_file
+        and current.mtime == tf.order
+        and current.size == len(tf.data())
+        and (current.uid, current.gid) == (tf.uid, tf.gid)
+        and stat.S_IMODE(current.mode) == 0o600
+    )
+
+
+def _ensure_dirs(fs: NodeFS, base: str, uid: int, gid: int) -> None:
+    info = fs.lstat(base)
+    if info is None:
+        fs.mkdir(base, 0o755, None)
+    elif not info.is_dir:
+        raise TransportError(f"{base} is not a directory")
+    elif info.uid != fs.own_uid or stat.S_IMODE(info.mode) & 0o022:
+        # The per-user locks live here: users must not be able to touch them.
+        raise TransportError(
+            f"{base} must be owned by uid {fs.own_uid} and not group/world-writable"
+        )
+    path = user_dir(base, uid)
+    info = fs.lstat(path)
+    if info is None:
+        fs.mkdir(path, 0o700, (uid, gid))
+    elif not info.is_dir:
+        raise TransportError(f"{path} is not a directory")
+    elif (info.uid, info.gid, stat.S_IMODE(info.mode)) != (uid, gid, 0o700):
+        fs.fix_dir(path, 0o700, (uid, gid))
+
+
+class _Lock:
+    """<base>/.lock.<uid>, created exclusively; broken when older than LOCK_STALE."""
+
+    def __init__(self, fs: NodeFS, base: str, uid: int) -> None:
+        self.fs = fs
+        self.path = _join(base, f".lock.{uid}")
+
+    def __enter__(self) -> None:
+        deadline = time.monotonic() + LOCK_WAIT
+        delay = 0.005
+        while not self.fs.create(self.path, b"", 0o600, None, None):
+            held = self.fs.lstat(self.path)
+            if held is not None and time.time() - held.mtime > LOCK_STALE:
+                log.warning("breaking stale lock %s", self.path)
+                self.fs.remove(self.path)
+                continue
+            if time.monotonic() > deadline:
+                raise TransportError(f"{self.path} is held by another pusher")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        self.fs.remove(self.path)
