@@ -11,6 +11,7 @@ PACKAGES=(
   slurmctld slurmd slurmrestd slurm-client slurm-wlm-jwt-plugin munge
   openssh-server openssh-client pamtester libpam-modules
   postgresql
+  systemd util-linux
 )
 if [ "$(id -u)" = 0 ]; then
   missing=()
