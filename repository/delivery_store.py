@@ -1,19 +1,44 @@
 """Delivery records in the store: what each node holds of whose token.
 
-The transfer part drives deliveries; the repository only reads them (for
-``list``) and asks for removals (``revoke``).
+The transfer cycle records what job sources say is needed (``sync_needs``),
+asks what is owed (``due``) and records what happened (``record``); ``list``
+reads them and ``revoke`` asks for removals.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from dataclasses import dataclass
 
-from repository.models import DeliveryRow
-from repository.rows import to_dt, to_epoch
+from sqlalchemy import delete, select, update
+
+from repository.models import DeliveryRow, TokenRow
+from repository.rows import audit, to_dt, to_epoch, to_record
 from repository.store import SqlTokenStore
-from tokenlife.model import DeliveryRecord
+from tokenlife.model import ACTIVE, DeliveryRecord, TokenRecord
 
-REMOVING = "removing"
+PENDING, DELIVERED, FAILED, REMOVING = "pending", "delivered", "failed", "removing"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One thing owed to one node: the user's current token, or a removal (token None)."""
+
+    delivery: DeliveryRecord
+    token: TokenRecord | None
+
+
+@dataclass(frozen=True)
+class Result:
+    user: str
+    node: str
+    ok: bool
+    #: what the node now holds (ok put), or None for a removal
+    token_id: str = ""
+    version: int = 0
+    removed: bool = False
+    error: str = ""
+    retry_at: int = 0
+    outcome: str = ""  # the transport's word for a put (installed, unchanged, ...)
 
 
 def to_delivery(row: DeliveryRow) -> DeliveryRecord:
@@ -52,3 +77,117 @@ class DeliveryStore:
                 .values(status=REMOVING, attempts=0, next_attempt=to_dt(now), updated=to_dt(now))
             )
             return int(result.rowcount)  # type: ignore[attr-defined]
+
+    def sync_needs(
+        self, needs: dict[str, set[str]], uids: dict[str, int], now: int, grace: int | None
+    ) -> None:
+        """Record that users have work on nodes (``last_seen = now``).
+
+        With ``grace`` (a complete view of the cluster's jobs), nodes not seen
+        for longer than that are queued for removal.
+        """
+        with self.store._session() as s:
+            rows = {
+                (r.user, r.node): r
+                for r in s.scalars(select(DeliveryRow).where(DeliveryRow.user.in_(list(needs))))
+            }
+            for user, nodes in needs.items():
+                if user not in uids:
+                    continue
+                for node in nodes:
+                    row = rows.get((user, node))
+                    if row is None:
+                        s.add(
+                            DeliveryRow(
+                                user=user,
+                                uid=uids[user],
+                                node=node,
+                                token_id="",
+                                version=0,
+                                status=PENDING,
+                                attempts=0,
+                                last_error="",
+                                next_attempt=to_dt(now),
+                                last_seen=to_dt(now),
+                                updated=to_dt(now),
+                            )
+                        )
+                        continue
+                    row.last_seen = to_dt(now)
+                    if row.status == REMOVING:  # the work came back before the removal
+                        row.status, row.attempts, row.next_attempt = PENDING, 0, to_dt(now)
+            if grace is not None:
+                s.execute(
+                    update(DeliveryRow)
+                    .where(
+                        DeliveryRow.last_seen < to_dt(now - grace),
+                        DeliveryRow.status != REMOVING,
+                    )
+                    .values(status=REMOVING, attempts=0, next_attempt=to_dt(now))
+                )
+
+    def due(
+        self, now: int, user: str | None = None, node: str | None = None, force: bool = False
+    ) -> list[Task]:
+        """What nodes are owed: a newer token, or a removal (work or token gone)."""
+        with self.store._session() as s:
+            query = (
+                select(DeliveryRow, TokenRow)
+                .outerjoin(
+                    TokenRow, (TokenRow.user == DeliveryRow.user) & (TokenRow.state == ACTIVE)
+                )
+                .order_by(DeliveryRow.node, DeliveryRow.user)
+            )
+            if not force:
+                query = query.where(DeliveryRow.next_attempt <= to_dt(now))
+            if user:
+                query = query.where(DeliveryRow.user == user)
+            if node:
+                query = query.where(DeliveryRow.node == node)
+            tasks = []
+            for row, token in s.execute(query).all():
+                record = to_delivery(row)
+                if row.status == REMOVING or token is None:
+                    if row.status == REMOVING or row.version > 0:
+                        tasks.append(Task(record, None))  # nothing may stay behind
+                elif (token.token_id, token.version) != (row.token_id, row.version):
+                    tasks.append(Task(record, to_record(token)))
+            return tasks
+
+    def record(self, results: list[Result], now: int, actor: str) -> None:
+        """Store a cycle's outcomes (one transaction) and audit deliveries/removals."""
+        if not results:
+            return
+        with self.store._session() as s:
+            for r in results:
+                where = (DeliveryRow.user == r.user) & (DeliveryRow.node == r.node)
+                if r.ok and r.removed:
+                    s.execute(delete(DeliveryRow).where(where))
+                    audit(s, now, "removed", r.user, None, None, actor, f"node {r.node}")
+                elif r.ok:
+                    s.execute(
+                        update(DeliveryRow)
+                        .where(where)
+                        .values(
+                            token_id=r.token_id,
+                            version=r.version,
+                            status=DELIVERED,
+                            attempts=0,
+                            last_error="",
+                            updated=to_dt(now),
+                            next_attempt=to_dt(now),
+                        )
+                    )
+                    audit(
+                        s, now, "delivered", r.user, r.token_id, r.version, actor, f"node {r.node}"
+                    )
+                else:
+                    row = s.scalars(select(DeliveryRow).where(where)).first()
+                    if row is None:
+                        continue
+                    if row.status != REMOVING:
+                        row.status = FAILED
+                    row.attempts += 1
+                    row.last_error = r.error[:500]
+                    row.next_attempt = to_dt(r.retry_at)
+                    row.updated = to_dt(now)

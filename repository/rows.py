@@ -42,8 +42,8 @@ def audit(
     at: int,
     event: str,
     user: str,
-    token_id: str,
-    version: int,
+    token_id: str | None,
+    version: int | None,
     actor: str,
     reason: str,
 ) -> None:

@@ -95,6 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--user", help="only this user's token")
     rk.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    ps = sub.add_parser(
+        "push",
+        help="deliver current tokens to the nodes where their users have work",
+        description="One delivery cycle: ask the job source (delivery.jobs) who runs where, "
+        "push each user's newest token to the nodes that need it, remove tokens from nodes "
+        "whose work ended more than delivery.remove_after ago.  Prints a summary; exits 1 if "
+        "a node failed (it is retried with backoff by the next cycle).",
+    )
+    ps.add_argument("--user", help="only this user's deliveries")
+    ps.add_argument("--node", help="only this node")
+    ps.add_argument(
+        "--job",
+        action="store_true",
+        help="PrologSlurmctld mode: deliver SLURM_JOB_USER's token to SLURM_JOB_NODELIST now, "
+        "wait at most delivery.job_timeout, always exit 0",
+    )
+    ps.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     rv = sub.add_parser("revoke", help="stop renewing USER's token and remove its token file")
     rv.add_argument("user")
     rv.add_argument("--reason", default="", help="recorded in the audit trail")
@@ -149,6 +167,7 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
         "revoke": handlers.revoke,
         "rotate-key": handlers.rotate_key,
         "purge": handlers.purge,
+        "push": handlers.push,
         "serve": handlers.serve,
         "config": handlers.config_check,
         "jwks": handlers.jwks,

@@ -104,6 +104,10 @@ class DeliveryConfig:
     root: Path | None = None
     ssh: SshConfig = field(default_factory=SshConfig)
     static: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: a node keeps a user's token this long after the user's last job there ended
+    remove_after: int = 600
+    #: ``push --job`` (PrologSlurmctld) gives up waiting for slow nodes after this
+    job_timeout: int = 20
 
 
 @dataclass(frozen=True)
@@ -377,6 +381,8 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
         root=t.take("root", _abspath, dd.root),
         ssh=ssh,
         static=static,
+        remove_after=t.take("remove_after", _duration, dd.remove_after),
+        job_timeout=t.take("job_timeout", _duration, dd.job_timeout),
     )
     t.done()
     if delivery.transport == "local" and delivery.root is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from tokenlife import config as configmod
 from tokenlife.config import Config
-from tokenlife.errors import ConfigError, TokenlifeError
+from tokenlife.errors import ConfigError, TokenlifeError, UsageError
 from tokenlife.model import ACTIVE, DeliveryRecord, TokenRecord
 from tokenlife.users import validate_name
 
@@ -128,6 +128,71 @@ def rotate_key(args: argparse.Namespace) -> int:
         actor=f"rotate-key by {_caller()}",
     )
     return _print_summary(renewer.rotate(new_source, args.user), args.json, "tokenlife-rotate-key")
+
+
+def push(args: argparse.Namespace) -> int:
+    if not args.job:
+        return _push(args)
+    # PrologSlurmctld: a non-zero exit would requeue and hold the job, so no
+    # token problem may fail it; the regular cycle retries what is left.
+    try:
+        _push(args)
+    except TokenlifeError as exc:
+        print(f"tokenlife-push: {exc}", file=sys.stderr)
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    import time
+
+    from transfer.cycle import DeliveryCycle
+    from transfer.jobs import JobEnvironment, JobSource, SlurmJobs, StaticJobs, valid_node
+    from transfer.transports import make_transport
+
+    if args.user:
+        validate_name(args.user)
+    if args.node and not valid_node(args.node):
+        raise UsageError(f"{args.node!r} is not a valid node name")
+    config = _config(args)
+    d = config.delivery
+    jobs: JobSource
+    if args.job:
+        job = JobEnvironment()
+        jobs, user, deadline = job, job.user, time.monotonic() + d.job_timeout
+    else:
+        jobs = StaticJobs(d.static) if d.jobs == "static" else SlurmJobs()
+        user, deadline = args.user, None
+    transport = make_transport(d)
+    progress = _progress_bar if sys.stderr.isatty() and not args.json else None
+    try:
+        cycle = DeliveryCycle(
+            _store(config), transport, jobs, d.remove_after, d.ssh.concurrency, actor=_caller()
+        )
+        summary = cycle.run(
+            user, args.node, complete=not args.job, deadline=deadline, progress=progress
+        )
+    finally:
+        transport.close()
+    if progress is not None:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        print(summary.line())
+        for error in ([summary.jobs_error] if summary.jobs_error else []) + summary.errors:
+            print(f"tokenlife-push: {error}", file=sys.stderr)
+    return 1 if summary.failed or summary.jobs_error else 0
+
+
+def _progress_bar(done: int, total: int) -> None:
+    width = 30
+    filled = width * done // total
+    print(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} nodes",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _caller() -> str:

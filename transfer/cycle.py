@@ -1,0 +1,214 @@
+"""One delivery cycle: bring every node that needs a user's token up to date.
+
+1. Ask the job source who works where, and record it in the store (a
+   complete view also queues removals for work that ended ``remove_after``
+   ago).  If the job source fails, the cycle still pushes what is owed.
+2. Ask the store what is owed: a newer token, or a removal.
+3. Do it, nodes in parallel, each on its own: one slow or unreachable node
+   never delays the others.  Failures keep their attempt count and next try
+   (exponential backoff with jitter) in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from repository.delivery_store import DeliveryStore, Result, Task
+from repository.store import SqlTokenStore
+from tokenlife.clock import Clock, SystemClock
+from tokenlife.errors import TokenlifeError, UserError
+from tokenlife.users import uid_of
+from transfer import nodefs
+from transfer.jobs import JobSource
+from transfer.tokenfile import TokenFile
+from transfer.transports import Transport
+
+log = logging.getLogger(__name__)
+
+RETRY_BASE = 30  # first retry after 30 s, doubling ...
+RETRY_CAP = 1800  # ... up to 30 min
+
+
+def retry_delay(attempts: int, rand: Callable[[], float] = random.random) -> int:
+    delay = min(RETRY_CAP, RETRY_BASE * 2 ** min(attempts, 12))
+    return max(1, int(delay * (0.5 + rand() / 2)))
+
+
+@dataclass
+class DeliverySummary:
+    delivered: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    failed: int = 0
+    unfinished: int = 0  # still running when the deadline passed
+    errors: list[str] = field(default_factory=list)
+    jobs_error: str = ""
+
+    def line(self) -> str:
+        text = (
+            f"delivered {self.delivered}, unchanged {self.unchanged}, removed {self.removed}, "
+            f"failed {self.failed}"
+        )
+        return text + (f", unfinished {self.unfinished}" if self.unfinished else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "delivered": self.delivered,
+            "unchanged": self.unchanged,
+            "removed": self.removed,
+            "failed": self.failed,
+            "unfinished": self.unfinished,
+            "errors": self.errors,
+            "jobs_error": self.jobs_error,
+        }
+
+
+class DeliveryCycle:
+    def __init__(
+        self,
+        store: SqlTokenStore,
+        transport: Transport,
+        jobs: JobSource | None,
+        remove_after: int,
+        concurrency: int = 32,
+        clock: Clock | None = None,
+        actor: str = "transfer",
+        uids: Callable[[str], int | None] = uid_of,
+    ) -> None:
+        self.store = DeliveryStore(store)
+        self.transport = transport
+        self.jobs = jobs
+        self.remove_after = remove_after
+        self.concurrency = max(1, concurrency)
+        self.clock = clock or SystemClock()
+        self.actor = actor
+        self.uids = uids
+
+    def run(
+        self,
+        user: str | None = None,
+        node: str | None = None,
+        complete: bool = True,
+        deadline: float | None = None,
+        force: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> DeliverySummary:
+        """One cycle.  ``complete``: the job source sees every job (so ended
+        work may be removed); ``deadline`` (monotonic): stop waiting then."""
+        summary = DeliverySummary()
+        now = int(self.clock.now())
+        if self.jobs is not None:
+            try:
+                needs = self.jobs.needs()
+                uids = self._uids(needs)
+                grace = self.remove_after if complete else None
+                self.store.sync_needs(needs, uids, now, grace)
+            except TokenlifeError as exc:
+                # Without a view of the jobs nothing is removed; owed tokens still go.
+                summary.jobs_error = str(exc)
+                log.warning("job source failed: %s", exc)
+        tasks = self.store.due(now, user, node, force)
+        results = _parallel(tasks, self._do, self.concurrency, deadline, progress)
+        finished = [r for r in results if r is not None]
+        summary.unfinished = len(tasks) - len(finished)
+        for result in results:
+            if result is None:
+                continue
+            if not result.ok:
+                summary.failed += 1
+                summary.errors.append(result.error)
+            elif result.removed:
+                summary.removed += 1
+            elif result.outcome == nodefs.INSTALLED:
+                summary.delivered += 1
+            else:
+                summary.unchanged += 1
+        self.store.record(finished, int(self.clock.now()), self.actor)
+        return summary
+
+    def _uids(self, needs: dict[str, set[str]]) -> dict[str, int]:
+        uids = {}
+        for name in needs:
+            try:
+                uid = self.uids(name)
+            except UserError:
+                uid = None
+            if uid is None:
+                log.warning("user %s of a running job is unknown here: no token", name)
+            else:
+                uids[name] = uid
+        return uids
+
+    def _do(self, task: Task) -> Result:
+        d = task.delivery
+        try:
+            if task.token is None:
+                self.transport.remove(d.node, d.uid)
+                log.info("removed the token of %s from %s", d.user, d.node)
+                return Result(d.user, d.node, True, removed=True)
+            tf = TokenFile.of(task.token)
+            outcome = self.transport.put(d.node, tf)
+            if outcome == nodefs.INSTALLED:
+                log.info(
+                    "delivered token %s v%d of %s to %s", tf.token_id, tf.version, d.user, d.node
+                )
+            elif outcome == nodefs.NEWER_THERE:
+                log.info("%s already has a newer token of %s", d.node, d.user)
+            return Result(
+                d.user, d.node, True, token_id=tf.token_id, version=tf.version, outcome=outcome
+            )
+        except TokenlifeError as exc:
+            retry = int(self.clock.now()) + retry_delay(d.attempts)
+            log.warning("delivery to %s failed: %s", d.node, exc)
+            return Result(d.user, d.node, False, error=str(exc), retry_at=retry)
+
+
+def _parallel(
+    tasks: list[Task],
+    work: Callable[[Task], Result],
+    concurrency: int,
+    deadline: float | None,
+    progress: Callable[[int, int], None] | None,
+) -> list[Result | None]:
+    """Run ``work`` on daemon threads (a deadline must not wait for them)."""
+    results: list[Result | None] = [None] * len(tasks)
+    if not tasks:
+        return results
+    todo: queue.Queue[int] = queue.Queue()
+    for i in range(len(tasks)):
+        todo.put(i)
+    done: queue.Queue[int] = queue.Queue()
+
+    def worker() -> None:
+        while True:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[i] = work(tasks[i])
+            except Exception as exc:  # a bug must not lose the other nodes
+                log.exception("delivery to %s crashed", tasks[i].delivery.node)
+                results[i] = Result(
+                    tasks[i].delivery.user, tasks[i].delivery.node, False, error=repr(exc)
+                )
+            done.put(i)
+
+    for _ in range(min(concurrency, len(tasks))):
+        threading.Thread(target=worker, daemon=True).start()
+    for count in range(1, len(tasks) + 1):
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            done.get(timeout=timeout)
+        except queue.Empty:
+            break
+        if progress is not None:
+            progress(count, len(tasks))
+    return list(results)

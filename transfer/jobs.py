@@ -1,0 +1,124 @@
+"""Job sources: which users need a token on which nodes right now."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from tokenlife.errors import TokenlifeError, UserError
+from tokenlife.users import validate_name
+from transfer.hostlist import expand
+
+log = logging.getLogger(__name__)
+
+Needs = dict[str, set[str]]  # user -> nodes
+
+#: job states whose nodes run (or are about to run, or will resume) the job
+ACTIVE_STATES = frozenset({"RUNNING", "CONFIGURING", "SUSPENDED"})
+_NODE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})?")
+
+
+class JobSource(Protocol):
+    def needs(self) -> Needs:
+        """Users and the nodes where they have work; TokenlifeError if unknown."""
+        ...
+
+
+def valid_node(name: str) -> bool:
+    """A node name that is safe to put in a log, a path or an SSH target."""
+    return bool(_NODE.fullmatch(name))
+
+
+def _add(needs: Needs, user: str, nodes: list[str], where: str) -> None:
+    try:
+        validate_name(user)
+    except UserError as exc:
+        log.warning("%s: skipping a job: %s", where, exc)
+        return
+    good = [n for n in nodes if valid_node(n)]
+    if len(good) != len(nodes):
+        log.warning("%s: skipping invalid node names of %s's job", where, user)
+    if good:
+        needs.setdefault(user, set()).update(good)
+
+
+class StaticJobs:
+    """``[delivery.static]``: fixed user -> nodes, for small sites and tests."""
+
+    def __init__(self, table: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+        self.table = table
+
+    def needs(self) -> Needs:
+        needs: Needs = {}
+        for user, nodes in self.table:
+            _add(needs, user, list(nodes), "delivery.static")
+        return needs
+
+
+class SlurmJobs:
+    """Running jobs from ``squeue --json`` (run where squeue can reach slurmctld)."""
+
+    def __init__(self, squeue: str = "squeue", timeout: float = 30) -> None:
+        self.squeue = squeue
+        self.timeout = timeout
+
+    def needs(self) -> Needs:
+        try:
+            proc = subprocess.run(
+                [self.squeue, "--json"],
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise TokenlifeError(f"squeue failed: {exc}") from exc
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            raise TokenlifeError(f"squeue failed (exit {proc.returncode}): {last}")
+        try:
+            return parse_squeue(json.loads(proc.stdout))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise TokenlifeError(f"squeue --json output not understood: {exc}") from exc
+
+
+def parse_squeue(data: Mapping[str, Any]) -> Needs:
+    """Needs from squeue's JSON (Slurm 22.05: state is a string; 23.02+: a list)."""
+    needs: Needs = {}
+    for job in data["jobs"]:
+        state = job.get("job_state")
+        states = set(state) if isinstance(state, list) else {state}
+        if not states & ACTIVE_STATES:
+            continue
+        nodes = job.get("nodes") or ""
+        if not nodes:
+            continue
+        _add(needs, str(job["user_name"]), expand(str(nodes)), "squeue")
+    return needs
+
+
+class JobEnvironment:
+    """One job, from PrologSlurmctld's environment (``tokenlife push --job``)."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        user, nodelist = env.get("SLURM_JOB_USER", ""), env.get("SLURM_JOB_NODELIST", "")
+        if not user or not nodelist:
+            raise TokenlifeError(
+                "--job needs SLURM_JOB_USER and SLURM_JOB_NODELIST (run it as PrologSlurmctld)"
+            )
+        self.user = validate_name(user)
+        try:
+            self.nodes = expand(nodelist)
+        except ValueError as exc:
+            raise TokenlifeError(f"SLURM_JOB_NODELIST: {exc}") from exc
+
+    def needs(self) -> Needs:
+        needs: Needs = {}
+        _add(needs, self.user, self.nodes, "job")
+        return needs

@@ -1,0 +1,198 @@
+"""SSH connections to the worker nodes: pooled, strict about host keys.
+
+One paramiko connection (and SFTP session) per node, opened on first use
+and kept with keepalives, so a renewal cycle costs a few round trips per
+node instead of a handshake.  Host keys come only from the configured
+known_hosts file: an unknown host is refused, a changed key is refused with
+both fingerprints, and nothing is ever added to the file.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from tokenlife.config import SshConfig
+from tokenlife.errors import TransportError
+from tokenlife.fsutil import read_private_file
+from transfer.sftpfs import SftpFS
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE = 30  # seconds; idle pooled connections survive NAT and firewalls
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+@dataclass(frozen=True)
+class Target:
+    hostname: str
+    port: int
+    user: str
+
+
+class _Conn:
+    def __init__(self, client: paramiko.SSHClient, sftp: paramiko.SFTPClient, uid: int) -> None:
+        self.client = client
+        self.sftp = sftp
+        self.uid = uid  # who we are on the node
+        self.lock = threading.Lock()  # one operation per connection at a time
+
+    def alive(self) -> bool:
+        transport = self.client.get_transport()
+        return transport is not None and transport.is_active()
+
+    def close(self) -> None:
+        self.sftp.close()
+        self.client.close()
+
+
+class SshPool:
+    def __init__(self, config: SshConfig) -> None:
+        self.config = config
+        self._conns: dict[str, _Conn] = {}
+        self._guard = threading.Lock()
+        self._pkey: paramiko.PKey | None = None
+        self._ssh_config: paramiko.SSHConfig | None = None
+
+    # -- configuration, loaded once -----------------------------------------
+
+    def _identity(self) -> paramiko.PKey:
+        if self._pkey is None:
+            # The same rules as for the signing key: no group/world access.
+            path = self.config.identity_file
+            read_private_file(path, {os.geteuid()}, "SSH identity file")
+            try:
+                self._pkey = paramiko.PKey.from_path(str(path))
+            except (paramiko.SSHException, ValueError, OSError) as exc:
+                raise TransportError(
+                    f"{self.config.identity_file}: not a usable unencrypted SSH private key"
+                ) from exc
+        return self._pkey
+
+    def _trust(self, client: paramiko.SSHClient) -> None:
+        # As "system" host keys: paramiko never writes those back anywhere.
+        path = self.config.known_hosts
+        try:
+            client.load_system_host_keys(str(path))
+        except (OSError, paramiko.SSHException) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise TransportError(f"cannot read known_hosts file {path}: {reason}") from exc
+
+    def target(self, node: str) -> Target:
+        hostname, port, user = node, self.config.port, self.config.user
+        if self.config.ssh_config is not None:
+            if self._ssh_config is None:
+                self._ssh_config = _load_ssh_config(self.config.ssh_config)
+            found = self._ssh_config.lookup(node)
+            hostname = str(found.get("hostname", node))
+            port = int(found.get("port", port))
+            user = str(found.get("user", user))
+        return Target(hostname, port, user)
+
+    # -- connections ----------------------------------------------------------
+
+    def _connect(self, node: str) -> _Conn:
+        target = self.target(node)
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        self._trust(client)
+        try:
+            client.connect(
+                target.hostname,
+                port=target.port,
+                username=target.user,
+                pkey=self._identity(),
+                timeout=self.config.connect_timeout,
+                banner_timeout=self.config.connect_timeout,
+                auth_timeout=self.config.connect_timeout,
+                allow_agent=False,
+                look_for_keys=False,
+            )
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise TransportError(
+                f"{node}: host key mismatch: the node offers {exc.key.get_name()} "
+                f"{fingerprint(exc.key)}, known_hosts has {fingerprint(exc.expected_key)}; "
+                "refusing to connect"
+            ) from exc
+        except paramiko.SSHException as exc:
+            client.close()
+            if "not found in known_hosts" in str(exc):
+                raise TransportError(
+                    f"{node}: host key of {_display(target)} is not in "
+                    f"{self.config.known_hosts}; refusing to connect"
+                ) from exc
+            raise TransportError(f"{node}: ssh: {exc}") from exc
+        except (OSError, EOFError) as exc:
+            client.close()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise TransportError(f"{node}: cannot connect to {_display(target)}: {reason}") from exc
+        transport = client.get_transport()
+        assert transport is not None
+        transport.set_keepalive(KEEPALIVE)
+        try:
+            sftp = client.open_sftp()
+        except (paramiko.SSHException, OSError) as exc:
+            client.close()
+            raise TransportError(f"{node}: cannot start SFTP: {exc}") from exc
+        own_uid = 0 if target.user == "root" else (sftp.lstat(".").st_uid or 0)
+        return _Conn(client, sftp, own_uid)
+
+    @contextmanager
+    def fs(self, node: str) -> Iterator[SftpFS]:
+        """The node's files over its pooled connection (opened or re-opened here)."""
+        with self._guard:
+            conn = self._conns.get(node)
+        if conn is None or not conn.alive():
+            if conn is not None:
+                conn.close()
+            conn = self._connect(node)
+            with self._guard:
+                self._conns[node] = conn
+        with conn.lock:
+            try:
+                yield SftpFS(conn.sftp, own_uid=conn.uid)
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                # The connection broke under us: drop it; the caller retries.
+                self.drop(node)
+                raise TransportError(f"{node}: connection lost: {exc}") from exc
+
+    def drop(self, node: str) -> None:
+        with self._guard:
+            conn = self._conns.pop(node, None)
+        if conn is not None:
+            conn.close()
+
+    def connected(self) -> list[str]:
+        with self._guard:
+            return sorted(self._conns)
+
+    def close(self) -> None:
+        with self._guard:
+            conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            conn.close()
+
+
+def _display(target: Target) -> str:
+    return f"{target.user}@{target.hostname}:{target.port}"
+
+
+def _load_ssh_config(path: Path) -> paramiko.SSHConfig:
+    try:
+        return paramiko.SSHConfig.from_path(str(path))
+    except OSError as exc:
+        raise TransportError(f"cannot read ssh_config {path}: {exc.strerror}") from exc

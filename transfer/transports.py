@@ -1,0 +1,107 @@
+"""Transports: put a user's token file on a node, or take it away."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from tokenlife.config import DeliveryConfig
+from tokenlife.errors import ConfigError, TransportError
+from transfer import nodefs
+from transfer.localfs import LocalFS
+from transfer.tokenfile import TokenFile
+
+if TYPE_CHECKING:
+    from transfer.sftpfs import SftpFS
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Transport(Protocol):
+    def put(self, node: str, tf: TokenFile) -> str:
+        """Install ``tf`` on ``node`` unless it has a newer one: nodefs.INSTALLED,
+        UNCHANGED or NEWER_THERE.  TransportError with the node and the reason."""
+        ...
+
+    def remove(self, node: str, uid: int) -> bool:
+        """Delete the user's token file on ``node``; True if one was there."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _reason(node: str, exc: OSError) -> TransportError:
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else ""
+    return TransportError(f"{node}: {what}{where}")
+
+
+class LocalTransport:
+    """Nodes as directories on this host: node N's files under <root>/<N>/...
+
+    Without ``root`` every node is this host (a single-host install).
+    """
+
+    def __init__(self, remote_dir: Path, root: Path | None = None) -> None:
+        self.remote_dir = str(remote_dir)
+        self.root = root
+
+    def _fs(self, node: str) -> LocalFS:
+        return LocalFS(str(self.root / node) if self.root else "")
+
+    def put(self, node: str, tf: TokenFile) -> str:
+        try:
+            return nodefs.install(self._fs(node), self.remote_dir, tf)
+        except OSError as exc:
+            raise _reason(node, exc) from exc
+
+    def remove(self, node: str, uid: int) -> bool:
+        try:
+            return nodefs.remove(self._fs(node), self.remote_dir, uid)
+        except OSError as exc:
+            raise _reason(node, exc) from exc
+
+    def close(self) -> None:
+        pass
+
+
+class SshTransport:
+    def __init__(self, config: DeliveryConfig) -> None:
+        from transfer.ssh import SshPool
+
+        self.remote_dir = str(config.remote_dir)
+        self.pool = SshPool(config.ssh)
+
+    def put(self, node: str, tf: TokenFile) -> str:
+        return self._twice(node, lambda fs: nodefs.install(fs, self.remote_dir, tf))
+
+    def remove(self, node: str, uid: int) -> bool:
+        return self._twice(node, lambda fs: nodefs.remove(fs, self.remote_dir, uid))
+
+    def _twice(self, node: str, action: Callable[[SftpFS], T]) -> T:
+        # A pooled connection may have died while idle: one fresh try.
+        for attempt in (1, 2):
+            try:
+                with self.pool.fs(node) as fs:
+                    return action(fs)
+            except OSError as exc:
+                raise _reason(node, exc) from exc
+            except TransportError as exc:
+                if attempt == 2 or "connection lost" not in str(exc):
+                    raise
+                log.info("%s: reconnecting: %s", node, exc)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def make_transport(config: DeliveryConfig) -> Transport:
+    if config.transport == "local":
+        return LocalTransport(config.remote_dir, config.root)
+    if config.transport == "ssh":
+        return SshTransport(config)
+    raise ConfigError(f"delivery.transport: unknown transport {config.transport!r}")
