@@ -119,6 +119,8 @@ class EngineConfig:
 class ServeConfig:
     interval: int = 300
     metrics: str = "127.0.0.1:9464"
+    #: after each renewal tick, run a delivery cycle (tokenlife push)
+    deliver: bool = True
 
 
 @dataclass(frozen=True)
@@ -396,6 +398,7 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
     serve = ServeConfig(
         interval=t.take("interval", _duration, d.serve.interval),
         metrics=t.take("metrics", _listen, d.serve.metrics),
+        deliver=t.take("deliver", _bool, d.serve.deliver),
     )
     t.done()
     top.done()

@@ -28,6 +28,7 @@ class Daemon:
         self.socket_override = socket
         self.stop = threading.Event()
         self._lock = threading.Lock()  # one tick at a time, reloads between ticks
+        self.again = threading.Event()  # a tick was asked for while one ran
 
     def _build(self) -> None:
         from producer.keys import make_key_source
@@ -50,8 +51,37 @@ class Daemon:
             listeners=[LoginFiles(config.login.token_dir)],
             actor=f"serve@{os.uname().nodename}",
         )
+        self.cycle = None
+        if config.serve.deliver:
+            from transfer.cycle import DeliveryCycle
+            from transfer.jobs import SlurmJobs, StaticJobs
+            from transfer.transports import make_transport
+
+            d = config.delivery
+            jobs = StaticJobs(d.static) if d.jobs == "static" else SlurmJobs()
+            old = getattr(self, "transport", None)
+            self.transport = make_transport(d)
+            if old is not None:
+                old.close()
+            self.cycle = DeliveryCycle(
+                store,
+                self.transport,
+                jobs,
+                d.remove_after,
+                d.ssh.concurrency,
+                actor=f"serve@{os.uname().nodename}",
+            )
 
     def tick(self) -> None:
+        # An ALRM that arrives while a tick runs must not be lost (APScheduler
+        # skips a run while the previous one is busy): run once more then.
+        while True:
+            self.again.clear()
+            self._tick()
+            if not self.again.is_set() or self.stop.is_set():
+                return
+
+    def _tick(self) -> None:
         with self._lock:
             try:
                 if self.renewer.store.store.spool is not None:
@@ -60,8 +90,17 @@ class Daemon:
             except TokenlifeError as exc:
                 log.error("tick failed: %s", exc)
                 return
-        level = logging.WARNING if summary.failed else logging.INFO
-        log.log(level, "tick: %s", summary.line())
+            level = logging.WARNING if summary.failed else logging.INFO
+            log.log(level, "tick: %s", summary.line())
+            if self.cycle is None:
+                return
+            try:
+                delivery = self.cycle.run()
+            except TokenlifeError as exc:
+                log.error("delivery failed: %s", exc)
+                return
+            level = logging.WARNING if delivery.failed or delivery.jobs_error else logging.INFO
+            log.log(level, "delivery: %s", delivery.line())
 
     def reload(self) -> None:
         with self._lock:
@@ -96,6 +135,7 @@ class Daemon:
         scheduler.start()
 
         def tick_now(*_: Any) -> None:
+            self.again.set()
             job.modify(next_run_time=datetime.now().astimezone())
 
         signal.signal(signal.SIGALRM, tick_now)
@@ -106,12 +146,17 @@ class Daemon:
         log.warning(
             "serving: socket %s, tick every %ds", server.server_address, self.config.serve.interval
         )
+        watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) > 0
         while not self.stop.wait(1.0):
-            pass
+            # Alive means the socket thread still serves; systemd restarts us otherwise.
+            if watchdog and any(t.name == "mint-socket" for t in threading.enumerate()):
+                notify("WATCHDOG=1")
         notify("STOPPING=1")
         server.shutdown()
         server.server_close()
         scheduler.shutdown(wait=True)  # the running tick finishes its batch
+        if getattr(self, "transport", None) is not None:
+            self.transport.close()
         return 0
 
 

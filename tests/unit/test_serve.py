@@ -40,6 +40,11 @@ def version(store: SqlTokenStore, token_id: str) -> int:
     return next(r.version for r in store.records(USER) if r.token_id == token_id)
 
 
+def current_token(store: SqlTokenStore) -> str:
+    record = store.current(USER)
+    return record.token if record else ""
+
+
 def test_serve_signals(tmp_path: Path) -> None:
     key = tmp_path / "k"
     key.write_bytes(secrets.token_bytes(32))
@@ -49,6 +54,14 @@ def test_serve_signals(tmp_path: Path) -> None:
         f'[key]\npath = "{key}"\n[store]\nurl = "sqlite:///{tmp_path}/db"\n'
         f'[login]\ntoken_dir = "{tmp_path}/run"\n[producer]\nsocket = "{tmp_path}/m.sock"\n'
         '[token]\nlifetime = "1h"\nrenew_until = "1d"\n[serve]\ninterval = "1h"\n'
+        f'[delivery]\ntransport = "local"\nroot = "{tmp_path}/nodes"\njobs = "static"\n'
+        f'remote_dir = "/run/tokenlife"\n[delivery.static]\n{USER} = ["node01"]\n'
+    )
+    on_node = (
+        tmp_path
+        / "nodes/node01/run/tokenlife"
+        / str(os.geteuid() if USER != "nobody" else 65534)
+        / "slurm_jwt"
     )
     cfg.write_text(body)
     store = SqlTokenStore(f"sqlite:///{tmp_path}/db")
@@ -61,6 +74,8 @@ def test_serve_signals(tmp_path: Path) -> None:
         second = mint_in_the_past(cfg, store, 3500)  # supersedes the first
         proc.send_signal(signal.SIGALRM)
         wait_for(lambda: version(store, second) == 2)
+        # ... and the delivery cycle after it put the renewed token on the node.
+        wait_for(lambda: on_node.exists() and on_node.read_text() == current_token(store))
         cfg.write_text("[nonsense]\n")
         proc.send_signal(signal.SIGHUP)
         cfg.write_text(body)
@@ -74,6 +89,7 @@ def test_serve_signals(tmp_path: Path) -> None:
     log = proc.stderr.read()
     proc.stderr.close()
     assert "tick: renewed 1" in log
+    assert "delivery: delivered 1" in log
     assert (
         "reload failed, keeping the running configuration" in log or "configuration reloaded" in log
     )
