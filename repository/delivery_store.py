@@ -62,7 +62,7 @@ class DeliveryStore:
         self.store = store
 
     def deliveries(self, user: str | None = None) -> list[DeliveryRecord]:
-        with self.store._session() as s:
+        with self.store._session(read_only=True) as s:
             query = select(DeliveryRow).order_by(DeliveryRow.user, DeliveryRow.node)
             if user:
                 query = query.where(DeliveryRow.user == user)
@@ -130,7 +130,7 @@ class DeliveryStore:
         self, now: int, user: str | None = None, node: str | None = None, force: bool = False
     ) -> list[Task]:
         """What nodes are owed: a newer token, or a removal (work or token gone)."""
-        with self.store._session() as s:
+        with self.store._session(read_only=True) as s:
             query = (
                 select(DeliveryRow, TokenRow)
                 .outerjoin(

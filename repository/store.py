@@ -44,11 +44,16 @@ def _sqlite_connect(dbapi_connection: object, _record: object) -> None:
 
 
 def _sqlite_begin(connection: Connection) -> None:
-    # Every transaction takes the write lock at BEGIN, so one that reads due
-    # tokens and then renews them cannot be overtaken by another process (a
-    # timer run beside a manual run): the second waits for the first batch to
-    # commit, then sees its result.  SQLite has no row locks to do better.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # A transaction that may write takes the write lock at BEGIN, so one that
+    # reads due tokens and then renews them cannot be overtaken by another
+    # process (a timer run beside a manual run): the second waits for the
+    # first batch to commit, then sees its result.  SQLite has no row locks
+    # to do better.  Read-only transactions never wait (WAL).
+    read_only = connection.get_execution_options().get(READ_ONLY, False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+READ_ONLY = "tokenlife_read_only"
 
 
 def make_engine(url: str) -> Engine:
@@ -90,16 +95,19 @@ class SqlTokenStore:
         return self._sessions
 
     @contextmanager
-    def _session(self) -> Iterator[Session]:
+    def _session(self, read_only: bool = False) -> Iterator[Session]:
+        """One transaction.  ``read_only``: it never writes (SQLite: no write lock)."""
         sessions = self._open()
         try:
             with sessions.begin() as session:
+                if read_only:
+                    session.connection(execution_options={READ_ONLY: True})
                 yield session
         except SQLAlchemyError as exc:
             raise StoreError(f"token store failed: {_reason(exc)}") from exc
 
     def current(self, user: str) -> TokenRecord | None:
-        with self._session() as s:
+        with self._session(read_only=True) as s:
             row = s.scalars(
                 select(TokenRow)
                 .where(TokenRow.user == user, TokenRow.state == ACTIVE)
@@ -109,7 +117,7 @@ class SqlTokenStore:
             return None if row is None else to_record(row)
 
     def records(self, user: str | None = None) -> list[TokenRecord]:
-        with self._session() as s:
+        with self._session(read_only=True) as s:
             query = select(TokenRow).order_by(TokenRow.user, TokenRow.id)
             if user:
                 query = query.where(TokenRow.user == user)
@@ -216,7 +224,7 @@ class SqlTokenStore:
             return purged, dropped
 
     def events(self, user: str | None = None) -> list[dict[str, object]]:
-        with self._session() as s:
+        with self._session(read_only=True) as s:
             query = select(EventRow).order_by(EventRow.id)
             if user:
                 query = query.where(EventRow.user == user)
