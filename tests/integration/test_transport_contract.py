@@ -15,13 +15,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import paramiko
 import pytest
 
-from tests.conftest import require_root
+from tests.conftest import require_root, require_tool
+from tests.integration.harness.sshnodes import SshNodes
 from tokenlife.errors import TransportError
 from transfer import nodefs
 from transfer.localfs import LocalFS
 from transfer.nodefs import INSTALLED, NEWER_THERE, UNCHANGED, NodeFS
+from transfer.sftpfs import SftpFS
 from transfer.tokenfile import TokenFile
 
 BASE = "/run/tokenlife"
@@ -39,12 +42,35 @@ class Node:
         return self.root / node_path.lstrip("/")
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(scope="module")
+def ssh_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshNodes]:
+    require_root()
+    require_tool("sshd", "unshare", "nsenter", "ssh-keygen")
+    with SshNodes(tmp_path_factory.mktemp("ssh"), 1) as nodes:
+        yield nodes
+
+
+@pytest.fixture(params=["local", "ssh"])
 def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
     require_root()  # handing files to other users needs root, as on a real node
-    root = tmp_path / "node"
-    (root / "run").mkdir(parents=True)
-    yield Node(lambda: LocalFS(str(root)), root)
+    if request.param == "local":
+        root = tmp_path / "node"
+        (root / "run").mkdir(parents=True)
+        yield Node(lambda: LocalFS(str(root)), root)
+        return
+    nodes: SshNodes = request.getfixturevalue("ssh_nodes")
+    nodes.reboot_node("node01")  # a fresh, empty /run/tokenlife
+    clients: list[paramiko.SSHClient] = []
+
+    def connect() -> NodeFS:
+        clients.append(nodes.connect("node01"))
+        return SftpFS(clients[-1].open_sftp(), own_uid=0)
+
+    try:
+        yield Node(connect, nodes["node01"].path("/"))
+    finally:
+        for client in clients:
+            client.close()
 
 
 def token(version: int, iat: int, uid: int = UID, size: int = 40) -> TokenFile:
@@ -110,7 +136,7 @@ def test_wrong_directory_owner_and_mode_are_repaired(node: Node) -> None:
 def test_a_symlink_in_place_of_the_user_directory_is_refused(node: Node, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    node.path(BASE).mkdir(parents=True)
+    node.path(BASE).mkdir(parents=True, exist_ok=True)
     node.path(f"{BASE}/{UID}").symlink_to(elsewhere)
     with pytest.raises(TransportError, match="is not a directory"):
         nodefs.install(node.connect(), BASE, token(1, 1_800_000_000))
@@ -133,7 +159,7 @@ def test_a_symlink_in_place_of_the_file_is_replaced_not_followed(
 
 
 def test_a_base_directory_users_can_write_is_refused(node: Node) -> None:
-    node.path(BASE).mkdir(parents=True)
+    node.path(BASE).mkdir(parents=True, exist_ok=True)
     node.path(BASE).chmod(0o777)
     with pytest.raises(TransportError, match="not group/world-writable"):
         nodefs.install(node.connect(), BASE, token(1, 1_800_000_000))
