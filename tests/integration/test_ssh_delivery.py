@@ -1,0 +1,184 @@
+"""Delivery over SSH to real OpenSSH worker nodes (each with its own host key and
+its own /run/tokenlife), driven by the delivery cycle with a fake clock."""
+
+from __future__ import annotations
+
+import secrets
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from producer.keys import HS256Key
+from producer.mint import Minter
+from repository.delivery_store import DeliveryStore
+from repository.store import SqlTokenStore
+from tests.conftest import require_root, require_tool
+from tests.integration.harness.sshnodes import SshNodes
+from tokenlife.clock import FakeClock
+from tokenlife.config import Config, DeliveryConfig, SshConfig, TokenConfig
+from tokenlife.model import TokenRecord
+from transfer.cycle import DeliveryCycle
+from transfer.transports import SshTransport
+
+NODES = ("node01", "node02", "node03")
+KEY = secrets.token_bytes(32)
+
+
+class Key:
+    def load(self) -> HS256Key:
+        return HS256Key(KEY)
+
+    def describe(self) -> str:
+        return "test"
+
+
+class Jobs:
+    def __init__(self, user: str) -> None:
+        self.current = {user: set(NODES)}
+
+    def needs(self) -> dict[str, set[str]]:
+        return {u: set(n) for u, n in self.current.items()}
+
+
+@dataclass
+class Site:
+    nodes: SshNodes
+    clock: FakeClock
+    store: SqlTokenStore
+    transport: SshTransport
+    cycle: DeliveryCycle
+    minter: Minter
+    user: str
+
+    def mint(self) -> TokenRecord:
+        return self.minter.mint(self.user, 0)[0]
+
+    def check(self, node: str, record: TokenRecord) -> None:
+        path = f"/run/tokenlife/{record.uid}/slurm_jwt"
+        on_node = self.nodes[node]
+        assert on_node.read_text(path) == record.token
+        st = on_node.stat(path)
+        assert (stat.S_IMODE(st.mode), st.uid, st.gid) == (0o600, record.uid, record.gid)
+        directory = on_node.stat(f"/run/tokenlife/{record.uid}")
+        assert (stat.S_IMODE(directory.mode), directory.uid) == (0o700, record.uid)
+
+
+@pytest.fixture(scope="module")
+def ssh_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshNodes]:
+    require_root()
+    require_tool("sshd", "unshare", "nsenter", "ssh-keygen")
+    with SshNodes(tmp_path_factory.mktemp("ssh"), len(NODES)) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+def site(ssh_nodes: SshNodes, tmp_path: Path, test_users: tuple[str, str]) -> Iterator[Site]:
+    for name in NODES:
+        ssh_nodes.reboot_node(name)  # empty /run/tokenlife everywhere
+    ssh_nodes.write_known_hosts()
+    delivery = DeliveryConfig(
+        transport="ssh",
+        ssh=SshConfig(
+            identity_file=ssh_nodes.client_key,
+            known_hosts=ssh_nodes.known_hosts,
+            ssh_config=ssh_nodes.ssh_config,
+            connect_timeout=5,
+        ),
+    )
+    clock = FakeClock()
+    config = Config(
+        token=replace(TokenConfig(), lifetime=4000, renew_until=20000), delivery=delivery
+    )
+    store = SqlTokenStore(f"sqlite:///{tmp_path}/db")
+    transport = SshTransport(delivery)
+    alice = test_users[0]
+    cycle = DeliveryCycle(store, transport, Jobs(alice), remove_after=600, clock=clock)
+    try:
+        yield Site(
+            ssh_nodes, clock, store, transport, cycle, Minter(config, Key(), store, clock), alice
+        )
+    finally:
+        transport.close()
+
+
+def test_every_node_gets_the_token_over_pooled_connections(site: Site) -> None:
+    record = site.mint()
+    summary = site.cycle.run()
+    assert (summary.delivered, summary.failed) == (3, 0), summary.errors
+    for node in NODES:
+        site.check(node, record)
+    assert site.transport.pool.connected() == sorted(NODES)
+
+    site.clock.advance(100)
+    newer = site.mint()  # a new login: a newer token
+    assert site.cycle.run().delivered == 3
+    for node in NODES:
+        site.check(node, newer)
+        # One SSH login per node for both cycles: the connection was kept.
+        assert site.nodes.logs(node, lines=400).count("Accepted publickey") == 1
+
+
+def test_a_changed_host_key_is_refused_and_nothing_written(site: Site) -> None:
+    record = site.mint()
+    site.nodes.regenerate_host_key("node02")  # known_hosts keeps the old key
+    summary = site.cycle.run()
+    assert (summary.delivered, summary.failed) == (2, 1)
+    (error,) = summary.errors
+    assert error.startswith("node02: host key mismatch: the node offers ssh-ed25519 SHA256:")
+    assert error.count("SHA256:") == 2 and "refusing to connect" in error
+    assert not site.nodes["node02"].exists(f"/run/tokenlife/{record.uid}")
+    site.check("node01", record)
+    site.check("node03", record)
+
+
+def test_an_unknown_host_is_refused(site: Site) -> None:
+    site.mint()
+    lines = site.nodes.known_hosts.read_text().splitlines()
+    site.nodes.known_hosts.write_text("".join(f"{x}\n" for x in lines if "127.0.0.3]" not in x))
+    summary = site.cycle.run()
+    assert summary.failed == 1
+    assert "node02: host key of root@127.0.0.3:" in summary.errors[0]
+    assert "is not in" in summary.errors[0]
+
+
+def test_a_down_node_catches_up_within_two_cycles_of_coming_back(site: Site) -> None:
+    record = site.mint()
+    site.nodes.stop_node("node03")
+    summary = site.cycle.run()
+    assert (summary.delivered, summary.failed) == (2, 1)
+    assert "node03: cannot connect" in summary.errors[0]
+    site.check("node01", record)
+    (failed,) = [d for d in DeliveryStore(site.store).deliveries() if d.status == "failed"]
+    assert failed.node == "node03" and failed.attempts == 1
+
+    site.nodes.start_node("node03")
+    site.clock.advance(30)  # the first retry comes after at most 30 s
+    delivered = site.cycle.run().delivered + site.cycle.run().delivered
+    assert delivered == 1
+    site.check("node03", record)
+
+
+def test_a_pooled_connection_that_died_is_replaced(site: Site) -> None:
+    record = site.mint()
+    assert site.cycle.run().delivered == 3
+    site.nodes.restart_node("node01")  # drops the pooled connection
+    site.clock.advance(100)
+    newer = site.mint()
+    summary = site.cycle.run()
+    assert (summary.delivered, summary.failed) == (3, 0), summary.errors
+    site.check("node01", newer)
+    assert newer.token != record.token
+
+
+def test_ended_work_is_removed_from_its_node(site: Site) -> None:
+    record = site.mint()
+    site.cycle.run()
+    assert isinstance(site.cycle.jobs, Jobs)
+    site.cycle.jobs.current = {site.user: {"node01"}}
+    site.clock.advance(601)
+    assert site.cycle.run().removed == 2
+    assert not site.nodes["node02"].exists(f"/run/tokenlife/{record.uid}/slurm_jwt")
+    site.check("node01", record)
