@@ -126,9 +126,7 @@ class DeliveryStore:
                     .values(status=REMOVING, attempts=0, next_attempt=to_dt(now))
                 )
 
-    def due(
-        self, now: int, user: str | None = None, node: str | None = None, force: bool = False
-    ) -> list[Task]:
+    def due(self, now: int, user: str | None = None, node: str | None = None) -> list[Task]:
         """What nodes are owed: a newer token, or a removal (work or token gone)."""
         with self.store._session(read_only=True) as s:
             query = (
@@ -138,8 +136,7 @@ class DeliveryStore:
                 )
                 .order_by(DeliveryRow.node, DeliveryRow.user)
             )
-            if not force:
-                query = query.where(DeliveryRow.next_attempt <= to_dt(now))
+            query = query.where(DeliveryRow.next_attempt <= to_dt(now))
             if user:
                 query = query.where(DeliveryRow.user == user)
             if node:

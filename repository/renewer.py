@@ -30,6 +30,7 @@ from repository.policy import (
 )
 from repository.renewal_store import Expired, Failed, Outcome, RenewalStore, Renewed, Waiting
 from repository.store import SqlTokenStore
+from tokenlife.backoff import backoff
 from tokenlife.clock import Clock, SystemClock
 from tokenlife.config import Config
 from tokenlife.errors import TokenlifeError
@@ -75,8 +76,7 @@ class Summary:
 
 def retry_delay(attempts: int, until_exp: int, rand: Callable[[], float] = random.random) -> int:
     """Backoff with jitter, never waiting past half the time the token has left."""
-    delay = min(RETRY_CAP, RETRY_BASE * 2 ** min(attempts, 10))
-    delay = int(delay * (0.5 + rand() / 2))
+    delay = backoff(attempts, RETRY_BASE, RETRY_CAP, rand)
     if until_exp > 0:
         delay = min(delay, max(10, until_exp // 2))
     return max(1, delay)

@@ -140,7 +140,8 @@ class Config:
 # --- value converters: each raises ValueError with a short reason ----------
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
-_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})?")
+#: a node name that is safe in a log line, a path or an SSH target
+NODE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})?")
 
 
 def _str(value: Any) -> str:
@@ -222,7 +223,7 @@ def _hosts(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError("expected a list of node names")
     for host in value:
-        if not _HOST.fullmatch(host):
+        if not NODE_NAME.fullmatch(host):
             raise ValueError(f"{host!r} is not a valid node name")
     return tuple(value)
 

@@ -95,14 +95,19 @@ def renew(args: argparse.Namespace) -> int:
     return _print_summary(renewer.tick(args.user, force=args.now), args.json, "tokenlife-renew")
 
 
-def _print_summary(summary: Any, as_json: bool, command: str) -> int:
+def _print_summary(summary: Any, as_json: bool, command: str, first: str = "") -> int:
+    """The run's summary line (or JSON), its errors on stderr; exit 1 if any.
+
+    ``first``: an error of the whole run, shown before the per-item ones.
+    """
+    errors = ([first] if first else []) + summary.errors
     if as_json:
         print(json.dumps(summary.as_dict(), indent=2))
     else:
         print(summary.line())
-        for error in summary.errors:
+        for error in errors:
             print(f"{command}: {error}", file=sys.stderr)
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or first else 0
 
 
 def rotate_key(args: argparse.Namespace) -> int:
@@ -175,13 +180,7 @@ def _push(args: argparse.Namespace) -> int:
         transport.close()
     if progress is not None:
         print(file=sys.stderr)
-    if args.json:
-        print(json.dumps(summary.as_dict(), indent=2))
-    else:
-        print(summary.line())
-        for error in ([summary.jobs_error] if summary.jobs_error else []) + summary.errors:
-            print(f"tokenlife-push: {error}", file=sys.stderr)
-    return 1 if summary.failed or summary.jobs_error else 0
+    return _print_summary(summary, args.json, "tokenlife-push", summary.jobs_error)
 
 
 def _progress_bar(done: int, total: int) -> None:
@@ -208,12 +207,12 @@ def revoke(args: argparse.Namespace) -> int:
     from repository.delivery_store import DeliveryStore
     from repository.renewal_store import RenewalStore
     from tokenlife.fsutil import remove_file
-    from tokenlife.users import describe_uid, uid_of
+    from tokenlife.users import uid_of
 
     validate_name(args.user)
     config = _config(args)
     store = _store(config)
-    actor = describe_uid(os.getuid())
+    actor = _caller()
     now = int(time.time())
     count = RenewalStore(store).set_state(args.user, "revoked", "revoked", actor, args.reason, now)
     if count == 0:

@@ -22,6 +22,7 @@ from typing import Any
 
 from repository.delivery_store import DeliveryStore, Result, Task
 from repository.store import SqlTokenStore
+from tokenlife.backoff import backoff
 from tokenlife.clock import Clock, SystemClock
 from tokenlife.errors import TokenlifeError, UserError
 from tokenlife.users import uid_of
@@ -37,8 +38,7 @@ RETRY_CAP = 1800  # ... up to 30 min
 
 
 def retry_delay(attempts: int, rand: Callable[[], float] = random.random) -> int:
-    delay = min(RETRY_CAP, RETRY_BASE * 2 ** min(attempts, 12))
-    return max(1, int(delay * (0.5 + rand() / 2)))
+    return max(1, backoff(attempts, RETRY_BASE, RETRY_CAP, rand))
 
 
 @dataclass
@@ -97,7 +97,6 @@ class DeliveryCycle:
         node: str | None = None,
         complete: bool = True,
         deadline: float | None = None,
-        force: bool = False,
         progress: Callable[[int, int], None] | None = None,
     ) -> DeliverySummary:
         """One cycle.  ``complete``: the job source sees every job (so ended
@@ -114,7 +113,7 @@ class DeliveryCycle:
                 # Without a view of the jobs nothing is removed; owed tokens still go.
                 summary.jobs_error = str(exc)
                 log.warning("job source failed: %s", exc)
-        tasks = self.store.due(now, user, node, force)
+        tasks = self.store.due(now, user, node)
         results = _parallel(tasks, self._do, self.concurrency, deadline, progress)
         finished = [r for r in results if r is not None]
         summary.unfinished = len(tasks) - len(finished)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from tokenlife.config import NODE_NAME
 from tokenlife.errors import TokenlifeError, UserError
 from tokenlife.users import validate_name
 from transfer.hostlist import expand
@@ -20,7 +20,6 @@ Needs = dict[str, set[str]]  # user -> nodes
 
 #: job states whose nodes run (or are about to run, or will resume) the job
 ACTIVE_STATES = frozenset({"RUNNING", "CONFIGURING", "SUSPENDED"})
-_NODE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})?")
 
 
 class JobSource(Protocol):
@@ -31,7 +30,7 @@ class JobSource(Protocol):
 
 def valid_node(name: str) -> bool:
     """A node name that is safe to put in a log, a path or an SSH target."""
-    return bool(_NODE.fullmatch(name))
+    return bool(NODE_NAME.fullmatch(name))
 
 
 def _add(needs: Needs, user: str, nodes: list[str], where: str) -> None:

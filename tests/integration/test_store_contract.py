@@ -38,21 +38,6 @@ SIGNING_KEY = secrets.token_bytes(32)
 StoreFactory = Callable[..., SqlTokenStore]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL of an empty store: a new SQLite file, or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/store/tokenlife.db"
-        return
-    server: PostgresServer = request.getfixturevalue("postgres")
-    name = f"tl_{secrets.token_hex(6)}"
-    url = server.create_database(name)
-    try:
-        yield url
-    finally:
-        server.drop_database(name)
-
-
 @pytest.fixture
 def open_store(store_url: str) -> Iterator[StoreFactory]:
     """Make SqlTokenStores on ``store_url`` (each its own engine); disposed after."""

@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect, text
 
 from repository.migrate import HEAD, current, migrate
-from repository.store import SqlTokenStore
-from tests.integration.harness.postgres import PostgresServer
+from repository.store import SqlTokenStore, make_engine
 from tokenlife.model import TokenRecord
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/old.db"
-        return
-    server: PostgresServer = request.getfixturevalue("postgres")
-    name = f"upgrade_{secrets.token_hex(4)}"
-    url = server.create_database(name)
-    try:
-        yield url
-    finally:
-        server.drop_database(name)
-
-
-def test_upgrade_from_0001_keeps_tokens_and_the_audit_trail(empty_url: str) -> None:
-    engine = create_engine(empty_url)
+def test_upgrade_from_0001_keeps_tokens_and_the_audit_trail(store_url: str) -> None:
+    engine = make_engine(store_url)
     migrate(engine, "0001")
     with engine.begin() as c:
         c.execute(
@@ -51,7 +31,7 @@ def test_upgrade_from_0001_keeps_tokens_and_the_audit_trail(empty_url: str) -> N
             )
     engine.dispose()
 
-    store = SqlTokenStore(empty_url)
+    store = SqlTokenStore(store_url)
     try:
         check_upgraded(store)
     finally:
