@@ -144,6 +144,8 @@ def push(args: argparse.Namespace) -> int:
         _push(args)
     except TokenlifeError as exc:
         print(f"tokenlife-push: {exc}", file=sys.stderr)
+    except Exception as exc:  # a bug here must not hold every job either
+        print(f"tokenlife-push: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
     return 0
 
 

@@ -84,6 +84,7 @@ class SlurmCluster:
         prolog_slurmctld: Path | None = None,
         extra_conf: str = "",
         node_name: str | None = None,
+        slurmd_prefix: list[str] | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
         self.jwt_key, self.jwks = jwt_key, jwks
@@ -93,6 +94,9 @@ class SlurmCluster:
         # slurmctld only runs where SlurmctldHost names this very host.
         self.host = socket.gethostname().split(".")[0]
         self.node_name = node_name or self.host
+        # e.g. ``nsenter --target PID --mount --``: slurmd and its jobs then see
+        # that namespace's files (an SshNodes node's /run/tokenlife).
+        self.slurmd_prefix = slurmd_prefix or []
         self.conf_path = self.workdir / "etc" / "slurm.conf"
         self.munge_socket = self.workdir / "munge-socket" / "munge.socket"
         self.log_dir = self.workdir / "log"
@@ -117,7 +121,8 @@ class SlurmCluster:
             )
             self._wait("munged socket", self.munge_socket.exists, 10)
             self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-f", conf])
-            self._spawn("slurmd", ["/usr/sbin/slurmd", "-D", "-f", conf, "-N", self.node_name])
+            slurmd = ["/usr/sbin/slurmd", "-D", "-f", conf, "-N", self.node_name]
+            self._spawn("slurmd", [*self.slurmd_prefix, *slurmd])
             self._wait("slurmctld up and node idle", self._ready, 30)
         except BaseException:
             self.stop()
