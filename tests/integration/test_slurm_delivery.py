@@ -225,8 +225,7 @@ def test_prolog_slurmctld_delivers_before_the_first_task(
     try:
         # bob has no token: his job finds none (the check below can fail).
         jobs = {user: site.sbatch(user, CHECK_SCRIPT) for user in (alice, bob)}
-        for job in jobs.values():
-            site.wait("the job to finish", lambda j=job: site.job_state(j) == "", 60)
+        site.wait("the jobs to finish", lambda: not any(map(site.job_state, jobs.values())), 60)
     finally:
         prolog_cfg.unlink()
     log_file = site.work / "jobs" / "prolog.log"
