@@ -1,16 +1,202 @@
-"""``tokenlife-engine``: the worker-side commands (built in the client engine issue)."""
+"""``tokenlife-engine``: the worker-side commands.
+
+``env`` is the TaskProlog's command and runs before every task, so it is
+kept on a fast path: no argparse, no tokenlife.config, nothing outside the
+standard library but two small modules of ours.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
-USAGE = "usage: tokenlife-engine {env,token,exec,run} ..."
+from client_engine.tokens import Refused, Token, delivered_path, freshest
+from tokenlife import engine_settings
+from tokenlife.engine_settings import EXPORT_MODES, JOB_OVERRIDE, EngineSettings
+
+PROG = "tokenlife-engine"
+USAGE = f"""\
+usage: {PROG} env
+       {PROG} token
+       {PROG} exec -- COMMAND [ARG...]
+       {PROG} run -- COMMAND [ARG...]
+
+Worker-node side of tokenlife: hands the token delivered to this node
+(<engine.token_dir>/<uid>/slurm_jwt) to jobs, and keeps it fresh.
+
+  env     for Slurm's TaskProlog: prints 'export SLURM_JWT_FILE=...' and, in the
+          tasks that engine.export_jwt allows, 'export SLURM_JWT=...'; otherwise
+          'unset SLURM_JWT' (srun and sstat need munge, not JWT). Always exits 0.
+  token   prints the freshest valid token for the caller; exit 1 if none
+          (SLURM_JWT=$({PROG} token) squeue)
+  exec    runs COMMAND with the freshest valid token in SLURM_JWT
+  run     runs COMMAND for its whole life, keeping a per-job copy of the token
+          fresh at $SLURM_JWT_FILE (krenew-style; signals are forwarded and
+          COMMAND's exit status is returned)
+
+Environment: TOKENLIFE_CONFIG (config file, default {engine_settings.DEFAULT_CONFIG}),
+{JOB_OVERRIDE}=steps|always|never (a job's own choice, overrides engine.export_jwt),
+SLURM_JOB_UID/SLURM_JOB_USER (the job's user), SLURM_JWT, SLURM_JWT_FILE.
+Exit status: 0 success, 1 no valid token (token, exec), 2 usage or configuration
+error; exec and run otherwise end with COMMAND's status. See docs/engine.md.
+"""
+
+
+def identity(environ: dict[str, str] | os._Environ[str]) -> tuple[int, str]:
+    """(uid, user name) of the job's user: the caller, or the job's user for root."""
+    uid = os.getuid()
+    job_uid = environ.get("SLURM_JOB_UID", "")
+    if job_uid:
+        if not job_uid.isdigit():
+            raise Refused(f"SLURM_JOB_UID={job_uid!r} is not a uid")
+        if uid not in (0, int(job_uid)):
+            raise Refused(f"SLURM_JOB_UID={job_uid} but running as uid {uid}")
+        uid = int(job_uid)
+        user = environ.get("SLURM_JOB_USER", "")
+        if user:
+            return uid, user
+    import pwd
+
+    try:
+        return uid, pwd.getpwuid(uid).pw_name
+    except KeyError:
+        raise Refused(f"uid {uid} is not in the user database") from None
+
+
+class BadConfig(Refused):
+    """The configuration file is unreadable or wrong (exit status 2)."""
+
+
+def load_settings() -> EngineSettings:
+    try:
+        return engine_settings.load()
+    except ValueError as exc:
+        raise BadConfig(str(exc)) from None
+
+
+def env_lines(environ: dict[str, str] | os._Environ[str], now: float) -> list[str]:
+    """What the TaskProlog prints for this task (see docs/engine.md)."""
+    lines: list[str] = []
+    try:
+        settings = load_settings()
+    except Refused as exc:
+        lines.append(f"print {PROG}: {exc}; using the defaults")
+        settings = EngineSettings()
+    mode = environ.get(JOB_OVERRIDE) or settings.export_jwt
+    if mode not in EXPORT_MODES:
+        choices = "/".join(EXPORT_MODES)
+        lines.append(f"print {PROG}: {JOB_OVERRIDE}={mode!r} is not one of {choices}")
+        mode = settings.export_jwt
+    # The batch step (no SLURM_STEP_ID) is where job scripts run srun and
+    # sstat; both fail when SLURM_JWT is set, since slurmd accepts munge only.
+    wanted = mode == "always" or (mode == "steps" and "SLURM_STEP_ID" in environ)
+    inherited = environ.get("SLURM_JWT")
+    try:
+        uid, user = identity(environ)
+        path = delivered_path(settings.token_dir, uid)
+        best, reasons = freshest([path], inherited, uid, user, now)
+    except Refused as exc:
+        best, reasons = None, [str(exc)]
+    if best is not None and best.source != "SLURM_JWT":
+        lines.append(f"export SLURM_JWT_FILE={best.source}")
+        if wanted:
+            lines.append(f"export SLURM_JWT={best.value}")
+    else:
+        lines.append(f"print {PROG}: no token for this job: {reasons[0]}")
+    # Keep the submitter's token only where JWT is wanted and it is still good.
+    if inherited is not None and not (wanted and best is not None):
+        lines.append("unset SLURM_JWT")
+    return lines
+
+
+def _env(environ: os._Environ[str]) -> int:
+    try:
+        lines = env_lines(environ, time.time())
+    except Exception as exc:  # a TaskProlog that fails kills the task: never
+        lines = [f"print {PROG}: internal error ({type(exc).__name__}); no token for this job"]
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    return 0
+
+
+def best_token(environ: dict[str, str] | os._Environ[str], now: float) -> Token:
+    """The freshest valid token for the caller, or Refused with the first reason."""
+    settings = load_settings()
+    uid, user = identity(environ)
+    paths = [environ["SLURM_JWT_FILE"]] if environ.get("SLURM_JWT_FILE") else []
+    paths.append(delivered_path(settings.token_dir, uid))
+    best, reasons = freshest(paths, environ.get("SLURM_JWT"), uid, user, now)
+    if best is None:
+        raise Refused(reasons[0] if reasons else "no token")
+    return best
+
+
+def _token(environ: os._Environ[str]) -> int:
+    token = best_token(environ, time.time())
+    sys.stdout.write(token.value + "\n")
+    return 0
+
+
+def _command(args: list[str], name: str) -> list[str]:
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        raise UsageError(f"{name} needs a command: {PROG} {name} -- COMMAND [ARG...]")
+    return args
+
+
+def _exec(environ: os._Environ[str], args: list[str]) -> int:
+    command = _command(args, "exec")
+    token = best_token(environ, time.time())
+    child = dict(environ, SLURM_JWT=token.value)
+    if token.source != "SLURM_JWT":
+        child["SLURM_JWT_FILE"] = token.source
+    try:
+        os.execvpe(command[0], command, child)  # noqa: S606 - the user's own command
+    except OSError as exc:
+        print(f"{PROG}: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+
+
+def _run(environ: os._Environ[str], args: list[str]) -> int:
+    command = _command(args, "run")
+    from client_engine.supervisor import supervise
+
+    settings = load_settings()
+    uid, user = identity(environ)
+    return supervise(command, settings, uid, user)
+
+
+class UsageError(Exception):
+    pass
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["-h"], ["--help"]):
-        print(USAGE)
-        return 0
-    print(f"tokenlife-engine: not implemented yet; {USAGE}", file=sys.stderr)
-    return 2
+    command, args = (argv[0], argv[1:]) if argv else ("", [])
+    environ = os.environ
+    if command == "env" and not args:
+        return _env(environ)
+    try:
+        if command in ("-h", "--help", "help"):
+            sys.stdout.write(USAGE)
+            return 0
+        if command == "token" and not args:
+            return _token(environ)
+        if command == "exec":
+            return _exec(environ, args)
+        if command == "run":
+            return _run(environ, args)
+        raise UsageError(f"unknown command line: {' '.join(argv) or '(none)'}; see --help")
+    except (UsageError, BadConfig) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except Refused as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

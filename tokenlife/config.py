@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tokenlife import engine_settings
 from tokenlife.durations import parse_duration
+from tokenlife.engine_settings import EngineSettings
 from tokenlife.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/tokenlife/tokenlife.toml")
@@ -111,11 +113,6 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    token_dir: Path = Path("/run/tokenlife")
-
-
-@dataclass(frozen=True)
 class ServeConfig:
     interval: int = 300
     metrics: str = "127.0.0.1:9464"
@@ -133,7 +130,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     login: LoginConfig = field(default_factory=LoginConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
@@ -391,9 +388,10 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
     if delivery.transport == "local" and delivery.root is None:
         raise ConfigError(f"{source}: delivery.root: required when delivery.transport is 'local'")
 
-    t = top.sub("engine")
-    engine = EngineConfig(token_dir=t.take("token_dir", _abspath, d.engine.token_dir))
-    t.done()
+    try:  # the engine reads this table alone, on worker nodes: one parser for both
+        engine = engine_settings.parse(top.data.pop("engine", {}))
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
     t = top.sub("serve")
     serve = ServeConfig(

@@ -85,6 +85,7 @@ class SlurmCluster:
         extra_conf: str = "",
         node_name: str | None = None,
         slurmd_prefix: list[str] | None = None,
+        open_munge: bool = False,
     ) -> None:
         self.workdir = workdir.resolve()
         self.jwt_key, self.jwks = jwt_key, jwks
@@ -97,6 +98,9 @@ class SlurmCluster:
         # e.g. ``nsenter --target PID --mount --``: slurmd and its jobs then see
         # that namespace's files (an SshNodes node's /run/tokenlife).
         self.slurmd_prefix = slurmd_prefix or []
+        # Ordinary users reach munge only when open_munge is set (as on a real
+        # cluster, where srun needs it); otherwise JWT is their only way in.
+        self.open_munge = open_munge
         self.conf_path = self.workdir / "etc" / "slurm.conf"
         self.munge_socket = self.workdir / "munge-socket" / "munge.socket"
         self.log_dir = self.workdir / "log"
@@ -233,7 +237,7 @@ class SlurmCluster:
             "munge": (munge.pw_uid, munge.pw_gid, 0o700),
             # Group slurm lets slurmctld in, others stay out; munged wants
             # this directory world-executable, hence its --force.
-            "munge-socket": (munge.pw_uid, slurm.pw_gid, 0o750),
+            "munge-socket": (munge.pw_uid, slurm.pw_gid, 0o755 if self.open_munge else 0o750),
             "state": (slurm.pw_uid, slurm.pw_gid, 0o700),
             "spool": (0, 0, 0o755),
             "log": (slurm.pw_uid, slurm.pw_gid, 0o755),

@@ -1,0 +1,144 @@
+"""Reading delivered tokens on a worker node, as the job's user.
+
+Standard library only, and cheap to import: every task of every job runs
+``tokenlife-engine env`` through this module.  The signature is not verified
+here (the node has no key, and Slurm checks it anyway); what is checked is
+what decides whether handing the token out makes sense: the file is a regular
+file owned by the user and private to them (like ssh with its keys), the
+payload names this user, and ``exp`` is still ahead.
+
+Why not PyJWT: importing it (and ``cryptography`` behind it) costs more than
+the whole TaskProlog budget, and it would verify a signature we cannot check.
+The payload is base64url JSON: ``binascii`` and ``json`` read it.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import os
+import stat
+
+#: the delivered file's name in <token_dir>/<uid>/ (as transfer writes it)
+FILE_NAME = "slurm_jwt"
+#: per-job copies kept by ``tokenlife-engine run``: job.<jobid>.<pid>
+JOB_COPY_PREFIX = "job."
+#: a token is a few hundred bytes; anything much bigger is not one
+MAX_SIZE = 16384
+_TOKEN_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+class Refused(Exception):
+    """This token cannot be handed out; the message says why in one line."""
+
+
+class Token:
+    """A token read from ``source`` (a path, or ``SLURM_JWT``)."""
+
+    __slots__ = ("exp", "iat", "source", "sun", "value")
+
+    def __init__(self, value: str, sun: str, exp: int, iat: int, source: str) -> None:
+        self.value, self.sun, self.exp, self.iat, self.source = value, sun, exp, iat, source
+
+    def __repr__(self) -> str:  # never the token itself
+        return f"Token(sun={self.sun!r}, exp={self.exp}, source={self.source!r})"
+
+    def valid_at(self, now: float) -> bool:
+        # Slurm refuses exp < now, with no leeway: exp == now still works.
+        return now <= self.exp
+
+
+def user_dir(token_dir: str, uid: int) -> str:
+    return f"{token_dir.rstrip('/')}/{uid}"
+
+
+def delivered_path(token_dir: str, uid: int) -> str:
+    return f"{user_dir(token_dir, uid)}/{FILE_NAME}"
+
+
+def parse(value: str, source: str) -> Token:
+    """The claims that matter, from the token text; Refused if it is not a JWT."""
+    raw = value.encode("ascii", "replace")
+    parts = raw.split(b".")
+    if len(parts) != 3 or not all(parts) or not set(raw) <= _TOKEN_CHARS:
+        raise Refused(f"{source}: not a JSON Web Token")
+    payload = parts[1] + b"=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(binascii.a2b_base64(payload.replace(b"-", b"+").replace(b"_", b"/")))
+    except (binascii.Error, ValueError):
+        raise Refused(f"{source}: not a JSON Web Token (unreadable payload)") from None
+    if not isinstance(claims, dict):
+        raise Refused(f"{source}: not a JSON Web Token (payload is not an object)")
+    sun = claims.get("sun") or claims.get("username")  # Slurm's order
+    exp, iat = claims.get("exp"), claims.get("iat")
+    if not isinstance(sun, str) or type(exp) is not int or type(iat) not in (int, type(None)):
+        raise Refused(f"{source}: token without a user name (sun) or expiry (exp)")
+    return Token(value, sun, exp, iat or 0, source)
+
+
+def read_file(path: str, uid: int) -> str:
+    """The token text in ``path``: a private regular file owned by ``uid``, never a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Refused(f"{path}: no token delivered to this node") from None
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: the last component is a symlink
+            raise Refused(f"{path}: is a symlink, refused") from None
+        raise Refused(f"{path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused(f"{path}: not a regular file, refused")
+        if st.st_uid != uid:
+            raise Refused(f"{path}: owned by uid {st.st_uid}, not {uid}, refused")
+        if st.st_mode & 0o077:
+            mode = stat.S_IMODE(st.st_mode)
+            raise Refused(f"{path}: mode {mode:04o} lets others in (want 0600), refused")
+        data = os.read(fd, MAX_SIZE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SIZE:
+        raise Refused(f"{path}: too big for a token")
+    # Slurm rejects a token with a trailing newline or a leading space.
+    return data.strip().decode("ascii", "replace")
+
+
+def load(path: str, uid: int, user: str, now: float) -> Token:
+    """A token from ``path`` that ``user`` may use right now, or Refused."""
+    return check(parse(read_file(path, uid), path), user, now)
+
+
+def check(token: Token, user: str, now: float) -> Token:
+    if token.sun != user:
+        raise Refused(f"{token.source}: token is for another user ({token.sun}), refused")
+    if not token.valid_at(now):
+        raise Refused(f"{token.source}: token expired {int(now - token.exp)}s ago")
+    return token
+
+
+def freshest(
+    paths: list[str], env_token: str | None, uid: int, user: str, now: float
+) -> tuple[Token | None, list[str]]:
+    """The valid token that lives longest, among files and an inherited SLURM_JWT.
+
+    Returns it (or None) and why each other candidate was refused.
+    """
+    best: Token | None = None
+    reasons: list[str] = []
+    seen: set[str] = set()
+    candidates: list[tuple[str, str | None]] = [(p, None) for p in paths]
+    if env_token:
+        candidates.append(("SLURM_JWT", env_token.strip()))
+    for source, text in candidates:
+        if source in seen:
+            continue
+        seen.add(source)
+        try:
+            token = check(parse(text, source), user, now) if text else load(source, uid, user, now)
+        except Refused as exc:
+            reasons.append(str(exc))
+            continue
+        if best is None or (token.exp, token.iat) > (best.exp, best.iat):
+            best = token
+    return best, reasons

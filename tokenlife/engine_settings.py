@@ -1,0 +1,128 @@
+"""The ``[engine]`` table, read on worker nodes by ``tokenlife-engine``.
+
+Standard library only, and no dataclasses or typing at run time: the
+TaskProlog runs ``tokenlife-engine env`` before every task of every job, so
+its imports are paid millions of times (``tokenlife.config`` costs several
+milliseconds more).  ``tokenlife.config`` validates the same table through
+:func:`parse`, so ``tokenlife config check`` and the engine agree.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tokenlife.durations import parse_duration
+
+DEFAULT_CONFIG = "/etc/tokenlife/tokenlife.toml"
+ENV_VAR = "TOKENLIFE_CONFIG"
+#: which tasks get SLURM_JWT (see docs/engine.md: srun and sstat need munge)
+EXPORT_MODES = ("steps", "always", "never")
+#: a job may choose its own mode with this variable in its environment
+JOB_OVERRIDE = "TOKENLIFE_EXPORT_JWT"
+
+
+class EngineSettings:
+    __slots__ = ("advisory_window", "export_jwt", "mandatory_window", "token_dir")
+
+    def __init__(
+        self,
+        token_dir: str = "/run/tokenlife",  # noqa: S107 - a directory, not a secret
+        export_jwt: str = "steps",
+        advisory_window: int = 900,
+        mandatory_window: int = 600,
+    ) -> None:
+        self.token_dir = token_dir
+        self.export_jwt = export_jwt
+        #: this close to exp, look for a newer token more eagerly
+        self.advisory_window = advisory_window
+        #: this close to exp, warn loudly: renewal or delivery is failing
+        self.mandatory_window = mandatory_window
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EngineSettings) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__
+        )
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"EngineSettings({fields})"
+
+
+def _abspath(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ValueError("expected an absolute path")
+    if "/../" in f"{value}/":
+        raise ValueError("'..' is not allowed in paths")
+    return os.path.normpath(value)
+
+
+def _mode(value: object) -> str:
+    if value not in EXPORT_MODES:
+        raise ValueError(f"expected one of {', '.join(EXPORT_MODES)}")
+    return str(value)
+
+
+def _duration(value: object) -> int:
+    if not isinstance(value, str | int):
+        raise ValueError("expected a duration such as 90, 30m, 1h, 2d or 1w")
+    return parse_duration(value)
+
+
+_CONVERT = {
+    "token_dir": _abspath,
+    "export_jwt": _mode,
+    "advisory_window": _duration,
+    "mandatory_window": _duration,
+}
+KEYS = tuple(_CONVERT)
+
+
+def parse(table: object) -> EngineSettings:
+    """Settings from the ``[engine]`` table; ValueError("engine.KEY: reason")."""
+    if not isinstance(table, dict):
+        raise ValueError("engine: expected a table")
+    values: dict[str, object] = {}
+    for key, value in table.items():
+        convert = _CONVERT.get(key)
+        if convert is None:
+            raise ValueError(f"engine.{key}: unknown key")
+        try:
+            values[key] = convert(value)
+        except ValueError as exc:
+            raise ValueError(f"engine.{key}: {exc}") from None
+    settings = EngineSettings(**values)  # type: ignore[arg-type]  # converted above
+    if settings.mandatory_window > settings.advisory_window:
+        raise ValueError("engine.mandatory_window: must not be longer than advisory_window")
+    return settings
+
+
+def load(path: str | None = None) -> EngineSettings:
+    """Settings from the config file (``$TOKENLIFE_CONFIG`` or the default path).
+
+    A missing default file gives the defaults.  Raises ValueError with a
+    one-line reason for anything else that is wrong.
+    """
+    explicit = path is not None or bool(os.environ.get(ENV_VAR))
+    path = path or os.environ.get(ENV_VAR) or DEFAULT_CONFIG
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        if explicit:
+            raise ValueError(f"{path}: no such file") from None
+        return EngineSettings()
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    # Most of the file is for the token host: parse it only if it says [engine].
+    if b"engine" not in raw:
+        return EngineSettings()
+    import tomllib
+
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return parse(data.get("engine", {}))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
