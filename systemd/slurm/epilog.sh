@@ -1,0 +1,13 @@
+#!/bin/sh
+# tokenlife: Slurm Epilog (slurm.conf: Epilog=/etc/slurm/tokenlife-epilog.sh).
+# slurmd runs it as root on each node when a job ends. It removes the per-job
+# token copies that 'tokenlife-engine run' keeps (they are removed on a normal
+# exit; this catches a supervisor that was killed). The user's delivered token
+# stays: transfer removes it when the user has no more work on the node.
+# Never fails: a failing Epilog drains the node.
+TOKEN_DIR=/run/tokenlife
+case "$SLURM_JOB_UID:$SLURM_JOB_ID" in
+    *[!0-9:]* | :* | *: | *:*:*) exit 0 ;;  # both must be plain numbers
+esac
+rm -f -- "$TOKEN_DIR/$SLURM_JOB_UID/job.$SLURM_JOB_ID."* 2>/dev/null
+exit 0
