@@ -147,6 +147,8 @@ def test_the_units_are_there() -> None:
         "tokenlife.service",
         "tokenlife-renew.service",
         "tokenlife-renew.timer",
+        "tokenlife-push.service",
+        "tokenlife-push.timer",
     }
 
 
@@ -349,14 +351,13 @@ def test_token_tree_is_not_a_runtime_directory(unit: Path) -> None:
     assert not any(_under(r, {configmod.Config().login.token_dir}) for r in runtime)
 
 
-def test_the_two_services_share_one_sandbox() -> None:
-    daemon, oneshot = SYSTEMD / "tokenlife.service", SYSTEMD / "tokenlife-renew.service"
-
+@pytest.mark.parametrize("oneshot", ["tokenlife-renew.service", "tokenlife-push.service"])
+def test_the_services_share_one_sandbox(oneshot: str) -> None:
     def sandbox(unit: Path) -> list[tuple[str, str]]:
         return [kv for kv in parse_unit(unit)["Service"] if kv[0] not in PER_SERVICE_KEYS]
 
-    assert sandbox(daemon) == sandbox(oneshot)
-    assert len(sandbox(daemon)) > 30
+    assert sandbox(SYSTEMD / "tokenlife.service") == sandbox(SYSTEMD / oneshot)
+    assert len(sandbox(SYSTEMD / oneshot)) > 30
 
 
 def test_daemon_notifications_match_the_code() -> None:
@@ -399,8 +400,9 @@ def calendar_period(spec: str) -> float:
     return (second - first).total_seconds()
 
 
-def test_timer_is_persistent_and_randomized() -> None:
-    timer = SYSTEMD / "tokenlife-renew.timer"
+@pytest.mark.parametrize("name", ["tokenlife-renew", "tokenlife-push"])
+def test_timer_is_persistent_and_randomized(name: str) -> None:
+    timer = SYSTEMD / f"{name}.timer"
     assert is_true(value(timer, "Timer", "Persistent"))  # catches up after downtime
     delay = seconds(value(timer, "Timer", "RandomizedDelaySec"))
     period = calendar_period(value(timer, "Timer", "OnCalendar"))
@@ -410,13 +412,14 @@ def test_timer_is_persistent_and_randomized() -> None:
     assert value(timer, "Install", "WantedBy") == "timers.target"
 
 
-def test_timer_runs_a_plain_renewal() -> None:
-    service = SYSTEMD / "tokenlife-renew.service"
-    assert not values(SYSTEMD / "tokenlife-renew.timer", "Timer", "Unit")  # same name
+@pytest.mark.parametrize("command", ["renew", "push"])
+def test_timer_runs_a_plain_cycle(command: str) -> None:
+    service = SYSTEMD / f"tokenlife-{command}.service"
+    assert not values(SYSTEMD / f"tokenlife-{command}.timer", "Timer", "Unit")  # same name
     assert value(service, "Service", "Type") == "oneshot"
     argv = shlex.split(value(service, "Service", "ExecStart"))
-    # --now would re-mint every token on every tick.
-    assert argv == [SHIPPED_BIN, "renew"]
+    # renew --now would re-mint every token on every tick; push --job is for the prolog.
+    assert argv == [SHIPPED_BIN, command]
     assert "Install" not in parse_unit(service)  # started by the timer only
     assert seconds(value(service, "Service", "TimeoutStartSec")) > 0
 
