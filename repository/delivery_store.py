@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 
-from repository.models import DeliveryRow, TokenRow
-from repository.rows import audit, to_dt, to_epoch, to_record
+from repository.models import DeliveryRow, EventRow, TokenRow
+from repository.rows import to_dt, to_epoch, to_record
 from repository.store import SqlTokenStore
 from tokenlife.model import ACTIVE, DeliveryRecord, TokenRecord
 
@@ -155,36 +155,73 @@ class DeliveryStore:
         """Store a cycle's outcomes (one transaction) and audit deliveries/removals."""
         if not results:
             return
+        # Bulk statements: one UPDATE per delivered token version and one
+        # DELETE per user (node IN ...), one INSERT for all the audit events;
+        # failures (rare) row by row, since each keeps its own backoff.
+        delivered: dict[tuple[str, str, int], list[str]] = {}
+        removed: dict[str, list[str]] = {}
+        events: list[dict[str, object]] = []
+        at = to_dt(now)
+        for r in results:
+            if not r.ok:
+                continue
+            if r.removed:
+                removed.setdefault(r.user, []).append(r.node)
+            else:
+                delivered.setdefault((r.user, r.token_id, r.version), []).append(r.node)
+            event = "removed" if r.removed else "delivered"
+            token_id, version = (None, None) if r.removed else (r.token_id, r.version)
+            events.append(
+                {
+                    "at": at,
+                    "event": event,
+                    "user": r.user,
+                    "token_id": token_id,
+                    "version": version,
+                    "actor": actor,
+                    "reason": f"node {r.node}",
+                }
+            )
         with self.store._session() as s:
-            for r in results:
-                where = (DeliveryRow.user == r.user) & (DeliveryRow.node == r.node)
-                if r.ok and r.removed:
-                    s.execute(delete(DeliveryRow).where(where))
-                    audit(s, now, "removed", r.user, None, None, actor, f"node {r.node}")
-                elif r.ok:
+            for user, nodes in removed.items():
+                for chunk in _chunks(nodes):
+                    s.execute(
+                        delete(DeliveryRow).where(
+                            (DeliveryRow.user == user) & DeliveryRow.node.in_(chunk)
+                        )
+                    )
+            for (user, token_id, version), nodes in delivered.items():
+                for chunk in _chunks(nodes):
                     s.execute(
                         update(DeliveryRow)
-                        .where(where)
+                        .where((DeliveryRow.user == user) & DeliveryRow.node.in_(chunk))
                         .values(
-                            token_id=r.token_id,
-                            version=r.version,
+                            token_id=token_id,
+                            version=version,
                             status=DELIVERED,
                             attempts=0,
                             last_error="",
-                            updated=to_dt(now),
-                            next_attempt=to_dt(now),
+                            updated=at,
+                            next_attempt=at,
                         )
                     )
-                    audit(
-                        s, now, "delivered", r.user, r.token_id, r.version, actor, f"node {r.node}"
-                    )
-                else:
-                    row = s.scalars(select(DeliveryRow).where(where)).first()
-                    if row is None:
-                        continue
-                    if row.status != REMOVING:
-                        row.status = FAILED
-                    row.attempts += 1
-                    row.last_error = r.error[:500]
-                    row.next_attempt = to_dt(r.retry_at)
-                    row.updated = to_dt(now)
+            if events:
+                s.execute(insert(EventRow), events)
+            for r in results:
+                if r.ok:
+                    continue
+                where = (DeliveryRow.user == r.user) & (DeliveryRow.node == r.node)
+                row = s.scalars(select(DeliveryRow).where(where)).first()
+                if row is None:
+                    continue
+                if row.status != REMOVING:
+                    row.status = FAILED
+                row.attempts += 1
+                row.last_error = r.error[:500]
+                row.next_attempt = to_dt(r.retry_at)
+                row.updated = at
+
+
+def _chunks(items: list[str], size: int = 500) -> list[list[str]]:
+    """Slices small enough for any backend's bound-parameter limit."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
