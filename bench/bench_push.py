@@ -53,9 +53,9 @@ pdcp/clush run is cold by nature: new ssh processes, new connections.  Each node
 is its own sshd, so sshd's MaxStartups (the harness sets 200) never throttles:
 a tool opens at most one connection per sshd at a time.  sshd logs at INFO and
 internal-sftp at ERROR (Debian's defaults; the harness's tests use VERBOSE and
-INFO).  Client and nodes share this machine's CPUs.  tokenlife reads
-known_hosts at every new connection (SshPool._trust), so its cold cost grows
-with that file, which here lists every started node (the largest N).
+INFO).  Client and nodes share this machine's CPUs.  tokenlife parses
+known_hosts once per pool (SshPool._trust), which here lists every started
+node (the largest N).
 
 The nodes share this host's file system but /run/tokenlife, so a command run
 over ssh (pdcp's ``pdcp -z``) starts root's shell, and bash sources ~/.bashrc
