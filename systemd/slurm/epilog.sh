@@ -9,5 +9,7 @@ TOKEN_DIR=/run/tokenlife
 case "$SLURM_JOB_UID:$SLURM_JOB_ID" in
     *[!0-9:]* | :* | *: | *:*:*) exit 0 ;;  # both must be plain numbers
 esac
-rm -f -- "$TOKEN_DIR/$SLURM_JOB_UID/job.$SLURM_JOB_ID."* 2>/dev/null
+# job.<jobid>.<pid>, and .job.<jobid>.<pid>.*.tmp if it died mid-write.
+dir="$TOKEN_DIR/$SLURM_JOB_UID"
+rm -f -- "$dir/job.$SLURM_JOB_ID."* "$dir/.job.$SLURM_JOB_ID."* 2>/dev/null
 exit 0

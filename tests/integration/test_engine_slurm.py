@@ -209,13 +209,16 @@ def test_epilog_removes_the_jobs_copies_only(site: Site, test_users: tuple[str, 
     script = (
         "#!/bin/sh\n"
         'cp "$SLURM_JWT_FILE" "${SLURM_JWT_FILE%/*}/job.$SLURM_JOB_ID.4242"\n'
-        'ls "${SLURM_JWT_FILE%/*}"\n'
+        'cp "$SLURM_JWT_FILE" "${SLURM_JWT_FILE%/*}/.job.$SLURM_JOB_ID.4242.x1.tmp"\n'
+        'ls -a "${SLURM_JWT_FILE%/*}"\n'
     )
     listing = site.run_job(alice, script).split()
     mine = [name for name in listing if name.startswith("job.") and name.endswith(".4242")]
     assert len(mine) == 1, listing
     deadline = time.monotonic() + 30  # the Epilog runs after the job left the queue
-    while (token_file.parent / mine[0]).exists():
+    temp = token_file.parent / f".{mine[0]}.x1.tmp"
+    assert temp.name in listing, listing
+    while (token_file.parent / mine[0]).exists() or temp.exists():
         assert time.monotonic() < deadline, site.cluster.logs()
         time.sleep(0.2)
     assert token_file.exists() and other.exists()
