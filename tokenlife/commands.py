@@ -142,7 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--user")
     ls.add_argument("--json", action="store_true")
 
-    serve = sub.add_parser("serve", help="run the service (mint socket) in the foreground")
+    st = sub.add_parser(
+        "status",
+        help="tokens, renewals, deliveries and the daemon at a glance (never a token)",
+        description="What the store says, counted by the database: tokens per state, the "
+        "active token that expires first, renewals and failures of the last 24 h, deliveries "
+        "per status with the nodes that wait or fail, and, when serve.metrics is set, the "
+        "running daemon's last successful tick (read from its metrics endpoint; one that does "
+        "not answer is reported, not an error).  Exit status 0; 6 if the store cannot be read.",
+    )
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the service (mint socket) in the foreground",
+        description="The mint socket, plus a renewal tick (then a delivery cycle) at start and "
+        "every serve.interval; Prometheus metrics on serve.metrics (see docs/commands.md).  "
+        "SIGALRM ticks now, SIGHUP reloads the configuration, SIGTERM stops.",
+    )
     serve.add_argument("--socket", type=Path, help="override producer.socket")
 
     cfg = sub.add_parser("config", help="configuration tools")
@@ -150,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_sub.required = True
     check = cfg_sub.add_parser("check", help="validate the config and show the backends in use")
     check.add_argument("--json", action="store_true")
+    cfg_sub.add_parser(
+        "sample",
+        help="print the sample configuration (every key, its default, a comment)",
+        description="Print the commented sample tokenlife.toml installed with the package: "
+        "every key at its default. Start a site's file with "
+        "'tokenlife config sample > /etc/tokenlife/tokenlife.toml'.",
+    )
 
     sub.add_parser("jwks", help="print the JWKS (public key) for Slurm's jwks= (RS256 keys)")
     demo = sub.add_parser("demo", help="the lifecycle on this machine, in a temp dir, narrated")
@@ -169,7 +193,8 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
         "purge": handlers.purge,
         "push": handlers.push,
         "serve": handlers.serve,
-        "config": handlers.config_check,
+        "status": handlers.status,
+        "config": handlers.config,
         "jwks": handlers.jwks,
         "demo": handlers.demo,
     }[command]

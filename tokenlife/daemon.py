@@ -4,6 +4,10 @@ APScheduler only decides *when*; the work is the same ``Renewer.tick`` the
 systemd timer runs.  Signals (handlers only set flags or poke the
 scheduler): ALRM ticks now, HUP reloads the configuration (a bad file keeps
 the old one), TERM/INT let the running batch finish and exit 0.
+
+With ``serve.metrics`` set, Prometheus metrics are served on that address
+(tokenlife.metrics); a port that cannot be bound is logged and the daemon
+runs on without them: renewal matters more than its figures.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import logging
 import os
 import signal
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from tokenlife import config as configmod
 from tokenlife.errors import TokenlifeError
+from tokenlife.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -83,24 +89,36 @@ class Daemon:
 
     def _tick(self) -> None:
         with self._lock:
+            started, ok = time.monotonic(), False
             try:
-                if self.renewer.store.store.spool is not None:
-                    self.renewer.store.store.ingest_spool()
-                summary = self.renewer.tick()
-            except TokenlifeError as exc:
-                log.error("tick failed: %s", exc)
-                return
-            level = logging.WARNING if summary.failed else logging.INFO
-            log.log(level, "tick: %s", summary.line())
-            if self.cycle is None:
-                return
-            try:
-                delivery = self.cycle.run()
-            except TokenlifeError as exc:
-                log.error("delivery failed: %s", exc)
-                return
-            level = logging.WARNING if delivery.failed or delivery.jobs_error else logging.INFO
-            log.log(level, "delivery: %s", delivery.line())
+                ok = self._tick_once()
+            finally:  # an unexpected error (APScheduler logs it) is a failed tick too
+                self.metrics.stats.tick_done(ok, time.monotonic() - started)
+
+    def _tick_once(self) -> bool:
+        """Renewal, then delivery; False if either failed as a whole."""
+        stats = self.metrics.stats
+        try:
+            if self.renewer.store.store.spool is not None:
+                self.renewer.store.store.ingest_spool()
+            summary = self.renewer.tick()
+        except TokenlifeError as exc:
+            log.error("tick failed: %s", exc)
+            return False
+        stats.renewal(summary)
+        level = logging.WARNING if summary.failed else logging.INFO
+        log.log(level, "tick: %s", summary.line())
+        if self.cycle is None:
+            return True
+        try:
+            delivery = self.cycle.run()
+        except TokenlifeError as exc:
+            log.error("delivery failed: %s", exc)
+            return False
+        stats.delivery(delivery)
+        level = logging.WARNING if delivery.failed or delivery.jobs_error else logging.INFO
+        log.log(level, "delivery: %s", delivery.line())
+        return True
 
     def reload(self) -> None:
         with self._lock:
@@ -111,6 +129,11 @@ class Daemon:
                 return
         self.service.minter = self.minter
         self.service.config = self.config
+        if self.config.serve.metrics != self.metrics_address:
+            log.warning(
+                "serve.metrics changed to %r: takes effect when the daemon restarts",
+                self.config.serve.metrics,
+            )
         log.info("configuration reloaded")
 
     def run(self) -> int:
@@ -119,6 +142,10 @@ class Daemon:
         from producer.service import MintService, listen
 
         self._build()
+        # The store is looked up per scrape: a reload replaces it.
+        self.metrics = Metrics(lambda: self.renewer.store.store, self.config.serve.interval)
+        self.metrics_address = self.config.serve.metrics
+        self.metrics.start(self.metrics_address)
         self.service = MintService(self.config, self.minter)
         server = listen(self.socket_override or self.config.producer.socket, self.service)
         threading.Thread(target=server.serve_forever, name="mint-socket", daemon=True).start()
@@ -144,7 +171,10 @@ class Daemon:
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         notify("READY=1")
         log.warning(
-            "serving: socket %s, tick every %ds", server.server_address, self.config.serve.interval
+            "serving: socket %s, tick every %ds, metrics %s",
+            server.server_address,
+            self.config.serve.interval,
+            self.metrics.server.url if self.metrics.server else "off",
         )
         watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) > 0
         while not self.stop.wait(1.0):
@@ -155,6 +185,7 @@ class Daemon:
         server.shutdown()
         server.server_close()
         scheduler.shutdown(wait=True)  # the running tick finishes its batch
+        self.metrics.close()
         if getattr(self, "transport", None) is not None:
             self.transport.close()
         return 0

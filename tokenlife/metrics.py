@@ -1,0 +1,364 @@
+"""Prometheus metrics of ``tokenlife serve`` (``[serve] metrics = "ADDRESS:PORT"``).
+
+Two kinds of figures, one collector, its own registry (never the global one):
+
+* the store's state, read on a scrape from ``repository.status.snapshot``
+  (SQL aggregates only) and kept for ``ttl`` seconds, or five times as long
+  as reading it took if that is longer, never past the end of a tick: a
+  burst of scrapes costs one read, a big store is read at most a fifth of
+  the time; when the store cannot be read, ``tokenlife_store_up`` is 0 and
+  the store's figures are left out (a scrape never fails);
+* what this daemon did, counted after each tick (``TickStats``).
+
+No label or value ever holds a token, a key or a command line.  The endpoint
+is a small threaded WSGI server on a daemon thread; see docs/commands.md
+("Metrics") for every metric.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from tokenlife.errors import TokenlifeError
+
+if TYPE_CHECKING:
+    from repository.renewer import Summary
+    from repository.status import Snapshot
+    from repository.store import SqlTokenStore
+    from transfer.cycle import DeliverySummary
+
+log = logging.getLogger(__name__)
+
+#: seconds a store snapshot serves scrapes before the next one is taken
+SNAPSHOT_TTL = 2.0
+#: the delivery outcomes counted by ``tokenlife_delivery_results_total``
+RESULTS = ("delivered", "unchanged", "removed", "failed")
+LAST_TICK = "tokenlife_last_tick_success_timestamp_seconds"
+
+
+@dataclass
+class TickStats:
+    """What this daemon's ticks did since it started (thread-safe)."""
+
+    interval: int = 0
+    renewals: int = 0
+    renewal_failures: int = 0
+    expired: int = 0
+    results: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
+    tick_failures: int = 0
+    #: epoch seconds of the end of the last tick that completed, 0: none yet
+    last_success: float = 0.0
+    #: how long the last tick took (renewal plus delivery), failed or not
+    last_duration: float = 0.0
+    #: ticks ended, failed or not (a new one makes the collector's snapshot stale)
+    ticks: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def renewal(self, summary: Summary) -> None:
+        with self.lock:
+            self.renewals += summary.renewed
+            self.renewal_failures += summary.failed
+            self.expired += summary.expired
+
+    def delivery(self, summary: DeliverySummary) -> None:
+        with self.lock:
+            for name in RESULTS:
+                self.results[name] += int(getattr(summary, name))
+
+    def tick_done(self, ok: bool, duration: float, now: float | None = None) -> None:
+        with self.lock:
+            self.ticks += 1
+            self.last_duration = duration
+            if ok:
+                self.last_success = time.time() if now is None else now
+            else:
+                self.tick_failures += 1
+
+    def families(self) -> list[Metric]:
+        with self.lock:
+            families: list[Metric] = [
+                _counter("renewals", "Tokens this daemon renewed.", self.renewals),
+                _counter(
+                    "renewal_failures",
+                    "Renewal attempts that failed (retried with backoff).",
+                    self.renewal_failures,
+                ),
+                _counter(
+                    "tokens_expired",
+                    "Tokens this daemon marked expired (past renew-until).",
+                    self.expired,
+                ),
+                _counter(
+                    "tick_failures",
+                    "Ticks that failed as a whole (store or job source down, ...).",
+                    self.tick_failures,
+                ),
+            ]
+            results = CounterMetricFamily(
+                "tokenlife_delivery_results",
+                "Deliveries to nodes by result, per node and user, since the daemon started.",
+                labels=["result"],
+            )
+            for name in RESULTS:
+                results.add_metric([name], self.results[name])
+            families.append(results)
+            families.append(
+                GaugeMetricFamily(
+                    LAST_TICK,
+                    "When the last tick (renewal, then delivery) completed; 0: none yet.",
+                    value=self.last_success,
+                )
+            )
+            families.append(
+                GaugeMetricFamily(
+                    "tokenlife_tick_duration_seconds",
+                    "How long the last tick took.",
+                    value=self.last_duration,
+                )
+            )
+            families.append(
+                GaugeMetricFamily(
+                    "tokenlife_tick_interval_seconds",
+                    "serve.interval: the time between ticks.",
+                    value=self.interval,
+                )
+            )
+            return families
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"tokenlife_{name}", documentation, value=value)
+
+
+class Collector:
+    """The store's figures (cached snapshot) plus the daemon's ``TickStats``."""
+
+    def __init__(
+        self,
+        store: Callable[[], SqlTokenStore],
+        stats: TickStats,
+        ttl: float = SNAPSHOT_TTL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store  # a getter: a reload swaps the daemon's store
+        self.stats = stats
+        self.ttl = ttl
+        self.clock = clock
+        self._lock = threading.Lock()  # one snapshot at a time; the others wait for it
+        self._taken = float("-inf")  # monotonic time of the cached snapshot
+        self._tick = -1  # stats.ticks when it was taken: a tick since changed the store
+        self._cost = 0.0  # seconds the last snapshot took
+        self._cached: Snapshot | None = None
+        self._up = True  # the last snapshot's outcome, to log changes only
+
+    def snapshot(self) -> Snapshot | None:
+        """The cached snapshot, a fresh one, or None if the store cannot be read."""
+        from repository.status import snapshot
+
+        with self._lock:
+            tick = self.stats.ticks
+            keep = max(self.ttl, 5 * self._cost)
+            if tick == self._tick and time.monotonic() - self._taken < keep:
+                return self._cached
+            started = time.monotonic()
+            try:
+                self._cached = snapshot(self.store(), int(self.clock()))
+            except Exception as exc:  # a scrape must never fail, whatever broke
+                self._cached = None
+                if self._up:
+                    reason = str(exc) if isinstance(exc, TokenlifeError) else type(exc).__name__
+                    log.warning("metrics: cannot read the token store: %s", reason)
+            else:
+                if not self._up:
+                    log.warning("metrics: the token store can be read again")
+            self._up = self._cached is not None
+            self._taken, self._tick = time.monotonic(), tick
+            self._cost = self._taken - started
+            return self._cached
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples (registration must not touch the store)."""
+        for family in (*_store_families(None), *self.stats.families()):
+            family.samples = []
+            yield family
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        yield from _store_families(snap)
+        yield from self.stats.families()
+
+
+def _store_families(snap: Snapshot | None) -> list[Metric]:
+    up = GaugeMetricFamily(
+        "tokenlife_store_up", "1 if the token store could be read at the last scrape, else 0."
+    )
+    up.add_metric([], 0 if snap is None else 1)
+    tokens = GaugeMetricFamily("tokenlife_tokens", "Stored tokens by state.", labels=["state"])
+    soonest = GaugeMetricFamily(
+        "tokenlife_token_soonest_expiry_seconds",
+        "Seconds until the soonest-expiring active token expires (negative: already past).",
+    )
+    renew_until = GaugeMetricFamily(
+        "tokenlife_token_soonest_renew_until_seconds",
+        "Seconds until the soonest renew-until of an active token (its user must log in again).",
+    )
+    events = GaugeMetricFamily(
+        "tokenlife_events_last_24h",
+        "Audit events of the last 24 hours by kind (renewed, failed, minted, ...), all writers.",
+        labels=["event"],
+    )
+    last_renewal = GaugeMetricFamily(
+        "tokenlife_last_renewal_timestamp_seconds",
+        "When a token was last renewed, by any writer (the store's audit trail).",
+    )
+    deliveries = GaugeMetricFamily(
+        "tokenlife_deliveries", "Delivery records by status.", labels=["status"]
+    )
+    nodes = GaugeMetricFamily(
+        "tokenlife_node_deliveries",
+        "Pending and failed delivery records per node.",
+        labels=["node", "status"],
+    )
+    families: list[Metric] = [
+        up,
+        tokens,
+        soonest,
+        renew_until,
+        events,
+        last_renewal,
+        deliveries,
+        nodes,
+    ]
+    if snap is None:
+        return families
+    for state, count in snap.tokens.items():
+        tokens.add_metric([state], count)
+    if snap.soonest_exp is not None:
+        soonest.add_metric([], snap.soonest_exp.seconds_left)
+    if snap.soonest_renew_until is not None:
+        renew_until.add_metric([], snap.soonest_renew_until.seconds_left)
+    for kind, count in sorted(snap.events.items()):
+        events.add_metric([kind], count)
+    if snap.last_renewal is not None:
+        last_renewal.add_metric([], snap.last_renewal)
+    for status, count in snap.deliveries.items():
+        deliveries.add_metric([status], count)
+    for node, trouble in sorted(snap.nodes.items()):
+        nodes.add_metric([node, "pending"], trouble.pending)
+        nodes.add_metric([node, "failed"], trouble.failed)
+    return families
+
+
+# -- the endpoint ---------------------------------------------------------------------------
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` (as config.py checked it) -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def metrics_url(address: str) -> str:
+    """Where a local client reaches the endpoint (a wildcard address: via loopback)."""
+    host, port = split_address(address)
+    ip = ipaddress.ip_address(host)
+    if ip.is_unspecified:
+        ip = ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
+    shown = f"[{ip}]" if ip.version == 6 else str(ip)
+    return f"http://{shown}:{port}/metrics"
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """No access log: a scrape every 15 s is not news."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """The HTTP endpoint: any path answers with the metrics in the text format."""
+
+    def __init__(self, address: str, registry: CollectorRegistry) -> None:
+        host, port = split_address(address)
+        server = _Server6 if ipaddress.ip_address(host).version == 6 else _Server
+        # OSError (address in use, not on this host) propagates: nothing was started.
+        self.httpd = make_server(host, port, make_wsgi_app(registry), server, _Quiet)
+        self.url = metrics_url(address)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+class Metrics:
+    """The daemon's metrics: the stats its ticks update, and the endpoint if enabled."""
+
+    def __init__(self, store: Callable[[], SqlTokenStore], interval: int) -> None:
+        self.stats = TickStats(interval=interval)
+        self.collector = Collector(store, self.stats)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+        self.server: MetricsServer | None = None
+
+    def start(self, address: str) -> bool:
+        """Serve on ``address`` ("": off).  A failure is logged; the daemon goes on without."""
+        if not address:
+            return False
+        try:
+            self.server = MetricsServer(address, self.registry)
+        except OSError as exc:
+            log.error(
+                "metrics: cannot listen on %s: %s; serving without metrics",
+                address,
+                exc.strerror or exc,
+            )
+            return False
+        log.info("metrics: serving on %s", self.server.url)
+        return True
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+def read_last_tick(url: str, timeout: float = 2.0) -> float:
+    """``tokenlife_last_tick_success_timestamp_seconds`` from a running daemon.
+
+    OSError (urllib's URLError too) if it does not answer, ValueError if the
+    answer holds no such metric.  0.0: the daemon has not completed a tick yet.
+    """
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if not url.startswith("http://"):
+        raise ValueError(f"not an http:// URL: {url}")
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http only)
+        text = response.read(1 << 22).decode("utf-8", "replace")
+    for family in text_string_to_metric_families(text):
+        if family.name == LAST_TICK:
+            for sample in family.samples:
+                return float(sample.value)
+    raise ValueError(f"no {LAST_TICK} in the answer")
