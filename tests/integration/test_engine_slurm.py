@@ -134,13 +134,14 @@ srun sh -c '
   echo "step_squeue $(squeue -h -j "$SLURM_JOB_ID" -o %u 2>&1)"
   SLURM_JWT=garbage squeue -h >/dev/null 2>&1 || echo "step_garbage refused"'
 say srun "$(srun hostname >/dev/null 2>&1 && echo ok)"
-srun sleep 10 &
-for i in $(seq 40); do
-  out=$(sstat -n -o JobID -j "$SLURM_JOB_ID.2" 2>&1) && [ -n "$out" ] && break
+srun sleep 120 &
+for i in $(seq 240); do  # until the step runs (a loaded machine may take a while)
+  out=$(sstat -n -o JobID -j "$SLURM_JOB_ID.2" 2>&1)
+  case "$(echo $out)" in *[0-9].2) break ;; esac
   sleep 0.25
 done
 say sstat "$(echo $out)"
-kill %1 2>/dev/null
+scancel "$SLURM_JOB_ID.2" 2>/dev/null; kill %1 2>/dev/null
 wait
 """
 
