@@ -384,12 +384,14 @@ def test_copy_appears_when_a_token_is_first_delivered(node: Node, mode: str) -> 
 
 
 def test_copy_is_removed_at_expiry_with_a_warning(node: Node) -> None:
-    token = node.deliver(make_token(ttl=3, age=27))  # 30 s lifetime: windows of 15 s and 6 s
+    token = node.deliver(make_token(ttl=5, age=25))  # 30 s lifetime: windows of 15 s and 6 s
     run = node.start()
     assert read(run.copy) == token
     wait_for(lambda: not run.copy.exists(), "the expired token removed", timeout=15)
     gone = time.time()
-    assert exp_of(token) < gone < exp_of(token) + 1.0
+    # Removed after exp, and soon after: 1 s is the promise; the extra second
+    # is this test's own polling latency on a loaded 2-core machine.
+    assert exp_of(token) < gone < exp_of(token) + 2.0
     assert run.proc.poll() is None
     assert "token expires in" in run.stderr
     assert "token EXPIRED and no newer one has arrived" in run.stderr
