@@ -50,7 +50,6 @@ from pathlib import Path
 from types import FrameType
 
 from client_engine.tokens import (
-    FILE_NAME,
     JOB_COPY_PREFIX,
     Refused,
     Token,
@@ -63,6 +62,7 @@ from client_engine.tokens import (
 from client_engine.watch import DeliveryWatch, libc
 from tokenlife.engine_settings import EngineSettings
 from tokenlife.fsutil import write_secret
+from tokenlife.layout import FILE_NAME
 
 PROG = "tokenlife-engine"
 #: set to 1 to use the portable fallbacks: poll the file, plain signal handlers

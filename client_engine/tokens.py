@@ -19,8 +19,8 @@ import json
 import os
 import stat
 
-#: the delivered file's name in <token_dir>/<uid>/ (as transfer writes it)
-FILE_NAME = "slurm_jwt"
+from tokenlife.layout import FILE_NAME
+
 #: per-job copies kept by ``tokenlife-engine run``: job.<jobid>.<pid>
 JOB_COPY_PREFIX = "job."
 #: a token is a few hundred bytes; anything much bigger is not one

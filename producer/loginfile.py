@@ -7,9 +7,8 @@ import stat
 from pathlib import Path
 
 from tokenlife.fsutil import ensure_dir, ensure_private_dir, write_secret
+from tokenlife.layout import FILE_NAME
 from tokenlife.model import TokenRecord
-
-FILE_NAME = "slurm_jwt"
 
 
 def token_path(token_dir: Path, uid: int) -> Path:

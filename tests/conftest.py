@@ -9,13 +9,16 @@ every real-component test ran.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.integration.harness.postgres import PG_BIN, PostgresServer
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -77,3 +80,34 @@ def write_cli_site(root: Path, key: bytes, extra: str = "") -> Path:
         f'[producer]\nsocket = "{root}/none.sock"\n' + extra
     )
     return cfg
+
+
+# Real PostgreSQL for unit and integration tests alike: one server per session.
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    require_root()
+    for tool in ("initdb", "pg_ctl", "postgres"):
+        require((PG_BIN / tool).exists(), f"needs PostgreSQL 15 ({PG_BIN / tool})")
+    require_tool("setpriv")
+    # A server time zone far from UTC: the store must not depend on it.
+    server = PostgresServer(settings={"timezone": "'Pacific/Chatham'"})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of an empty store: a new SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/store/tokenlife.db"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    name = f"tl_{secrets.token_hex(6)}"
+    url = server.create_database(name)
+    try:
+        yield url
+    finally:
+        server.drop_database(name)

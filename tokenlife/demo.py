@@ -34,6 +34,7 @@ from tokenlife import config as configmod
 from tokenlife.config import ProducerConfig
 from tokenlife.errors import TokenlifeError
 from tokenlife.fsutil import write_secret
+from tokenlife.layout import FILE_NAME
 from tokenlife.users import name_of
 
 #: the demo's token limits (production defaults: 2d, 7d, 1h): renewals at
@@ -216,7 +217,7 @@ class Demo:
             f"uid={claims['uid']} gid={claims['gid']} iat={claims['iat']} exp={claims['exp']}; "
             "signature verified with the key (the token itself is never shown)"
         )
-        login = self.config.login.token_dir / str(self.uid) / "slurm_jwt"
+        login = self.config.login.token_dir / str(self.uid) / FILE_NAME
         _say(f"  login-node copy {login}, mode {stat.S_IMODE(login.stat().st_mode):04o}")
         return record
 
@@ -229,7 +230,7 @@ class Demo:
     def node_file(self, node: str) -> Path:
         d = self.config.delivery
         assert d.root is not None
-        return d.root / node / str(d.remote_dir).lstrip("/") / str(self.uid) / "slurm_jwt"
+        return d.root / node / str(d.remote_dir).lstrip("/") / str(self.uid) / FILE_NAME
 
     def deliver(self, record: Any, first: bool = False) -> None:
         summary = self.cycle.run()

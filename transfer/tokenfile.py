@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenlife.layout import FILE_NAME
 from tokenlife.model import TokenRecord
 
-FILE_NAME = "slurm_jwt"
+__all__ = ["FILE_NAME", "TokenFile"]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require, require_root, require_tool
-from tests.integration.harness.postgres import PG_BIN, PostgresServer
 from tests.integration.harness.slurm import SlurmCluster
 from tests.integration.harness.users import ALICE, BOB, ensure_user
 
@@ -109,33 +108,3 @@ def slurm(test_users: tuple[str, str]) -> Iterator[SlurmSite]:
             cluster.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    require_root()
-    for tool in ("initdb", "pg_ctl", "postgres"):
-        require((PG_BIN / tool).exists(), f"needs PostgreSQL 15 ({PG_BIN / tool})")
-    require_tool("setpriv")
-    # A server time zone far from UTC: the store must not depend on it.
-    server = PostgresServer(settings={"timezone": "'Pacific/Chatham'"})
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL of an empty store: a new SQLite file, or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/store/tokenlife.db"
-        return
-    server: PostgresServer = request.getfixturevalue("postgres")
-    name = f"tl_{secrets.token_hex(6)}"
-    url = server.create_database(name)
-    try:
-        yield url
-    finally:
-        server.drop_database(name)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from repository.store import SqlTokenStore
-from tests.conftest import require, require_tool, tokenlife_bin
+from tests.conftest import require, require_root, require_tool, tokenlife_bin
 from tokenlife.demo import NODES, RENEW_UNTIL
 from tokenlife.model import TokenRecord
 
@@ -213,8 +213,7 @@ def test_demo_leaves_nothing_behind(demos: dict[str, DemoRun]) -> None:
 def test_demo_as_an_ordinary_user(demos: dict[str, DemoRun]) -> None:
     """As root, the same demo as ``nobody`` (HOME=/nonexistent): local delivery
     hands the node files to the user itself, with no privilege at all."""
-    if os.geteuid() != 0:
-        pytest.skip("not root: the other tests already ran the demo as an ordinary user")
+    require_root()  # outside CI, as an ordinary user, the other tests already ran it so
     require(_nobody() is not None, f"needs a user named {ORDINARY}")
     require_tool("setpriv")
     run = demos["nobody"].wait()

@@ -394,7 +394,8 @@ def test_copy_is_removed_at_expiry_with_a_warning(node: Node) -> None:
     assert exp_of(token) < gone < exp_of(token) + 2.0
     assert run.proc.poll() is None
     assert "token expires in" in run.stderr
-    assert "token EXPIRED and no newer one has arrived" in run.stderr
+    # The copy goes first, then the line: wait for it rather than race it.
+    wait_for(lambda: "token EXPIRED and no newer one has arrived" in run.stderr, "the warning")
     fresh = node.deliver(make_token())
     wait_for(lambda: read(run.copy) == fresh, "a fresh token after the gap")
     assert run.stop() == 0

@@ -20,8 +20,7 @@ from repository.renewal_store import RenewalStore
 from repository.renewer import Renewer
 from repository.status import Snapshot, one_line, snapshot
 from repository.store import SqlTokenStore
-from tests.conftest import require, require_root, run_cli, write_cli_site
-from tests.integration.harness.postgres import PG_BIN, PostgresServer
+from tests.conftest import run_cli, write_cli_site
 from tokenlife.clock import FakeClock
 from tokenlife.config import Config, TokenConfig
 from tokenlife.errors import KeySourceError
@@ -66,35 +65,14 @@ def record(user: str, iat: int, lifetime: int, renew_until: int) -> TokenRecord:
     )
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    require_root()
-    require((PG_BIN / "postgres").exists(), f"needs PostgreSQL 15 ({PG_BIN})")
-    server = PostgresServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlTokenStore]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/db"
-        name = ""
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres")
-        name = f"tl_{secrets.token_hex(6)}"
-        url = server.create_database(name)
-    s = SqlTokenStore(url)
+@pytest.fixture
+def store(store_url: str) -> Iterator[SqlTokenStore]:
+    s = SqlTokenStore(store_url)
     try:
         yield s
     finally:
         if s._sessions is not None:
             s.engine.dispose()
-        if name:
-            server.drop_database(name)
 
 
 def fill(store: SqlTokenStore, t0: int = T0) -> dict[str, TokenRecord]:
