@@ -113,9 +113,9 @@ from repository.renewer import Renewer  # noqa: E402
 from repository.store import SqlTokenStore  # noqa: E402
 from tests.integration.harness.sshnodes import SshNodes  # noqa: E402
 from tests.integration.harness.users import ALICE, ensure_user  # noqa: E402
-from tokenlife.clock import FakeClock  # noqa: E402
 from tokenlife.config import Config, DeliveryConfig, SshConfig  # noqa: E402
-from tokenlife.model import TokenRecord  # noqa: E402
+from tokenlife.records import TokenRecord  # noqa: E402
+from tokenlife.testing.fakes import FakeClock  # noqa: E402
 from transfer.cycle import DeliveryCycle, DeliverySummary  # noqa: E402
 from transfer.jobs import StaticJobs  # noqa: E402
 from transfer.nodefs import file_path  # noqa: E402

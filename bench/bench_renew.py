@@ -65,14 +65,14 @@ import psycopg  # noqa: E402
 from sqlalchemy import event, func, insert, select, text  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
-from producer.claims import build_claims  # noqa: E402
 from producer.keys import HS256Key  # noqa: E402
 from repository.models import EventRow, TokenRow  # noqa: E402
 from repository.renewer import Renewer, Summary  # noqa: E402
 from repository.store import SqlTokenStore  # noqa: E402
 from tests.integration.harness.postgres import PostgresServer  # noqa: E402
-from tokenlife.clock import FakeClock  # noqa: E402
 from tokenlife.config import Config  # noqa: E402
+from tokenlife.slurm_jwt import build_claims  # noqa: E402
+from tokenlife.testing.fakes import FakeClock  # noqa: E402
 from tokenlife.users import UserInfo  # noqa: E402
 
 KEY = secrets.token_bytes(32)

@@ -7,25 +7,26 @@ what decides whether handing the token out makes sense: the file is a regular
 file owned by the user and private to them (like ssh with its keys), the
 payload names this user, and ``exp`` is still ahead.
 
-Why not PyJWT: importing it (and ``cryptography`` behind it) costs more than
-the whole TaskProlog budget, and it would verify a signature we cannot check.
-The payload is base64url JSON: ``binascii`` and ``json`` read it.
+The token kind (tokenlife.slurm_jwt) reads the payload with the standard
+library: PyJWT and ``cryptography`` would cost more than the whole TaskProlog
+budget, to verify a signature the node cannot check.
 """
 
 from __future__ import annotations
 
-import binascii
-import json
 import os
 import stat
 
 from tokenlife.layout import FILE_NAME
+from tokenlife.slurm_jwt import SlurmJwt
+
+#: the kind of token delivered to nodes (the only kind so far)
+KIND = SlurmJwt()
 
 #: per-job copies kept by ``tokenlife-engine run``: job.<jobid>.<pid>
 JOB_COPY_PREFIX = "job."
 #: a token is a few hundred bytes; anything much bigger is not one
 MAX_SIZE = 16384
-_TOKEN_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 
 class Refused(Exception):
@@ -57,23 +58,12 @@ def delivered_path(token_dir: str, uid: int) -> str:
 
 
 def parse(value: str, source: str) -> Token:
-    """The claims that matter, from the token text; Refused if it is not a JWT."""
-    raw = value.encode("ascii", "replace")
-    parts = raw.split(b".")
-    if len(parts) != 3 or not all(parts) or not set(raw) <= _TOKEN_CHARS:
-        raise Refused(f"{source}: not a JSON Web Token")
-    payload = parts[1] + b"=" * (-len(parts[1]) % 4)
+    """The claims that matter, from the token text (the kind reads it); Refused if unreadable."""
     try:
-        claims = json.loads(binascii.a2b_base64(payload.replace(b"-", b"+").replace(b"_", b"/")))
-    except (binascii.Error, ValueError):
-        raise Refused(f"{source}: not a JSON Web Token (unreadable payload)") from None
-    if not isinstance(claims, dict):
-        raise Refused(f"{source}: not a JSON Web Token (payload is not an object)")
-    sun = claims.get("sun") or claims.get("username")  # Slurm's order
-    exp, iat = claims.get("exp"), claims.get("iat")
-    if not isinstance(sun, str) or type(exp) is not int or type(iat) not in (int, type(None)):
-        raise Refused(f"{source}: token without a user name (sun) or expiry (exp)")
-    return Token(value, sun, exp, iat or 0, source)
+        view = KIND.read(value)
+    except ValueError as exc:
+        raise Refused(f"{source}: {exc}") from None
+    return Token(value, view.subject, view.exp, view.iat, source)
 
 
 def read_file(path: str, uid: int) -> str:

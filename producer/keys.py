@@ -114,8 +114,10 @@ def allowed_owners(config: KeyConfig) -> set[int]:
 
 
 class FileKeySource:
-    def __init__(self, config: KeyConfig) -> None:
-        self.config = config
+    """``key.source = "file"``: Slurm's key file, checked like ssh checks its keys."""
+
+    def __init__(self, config: KeyConfig, prefer_cache: bool = False) -> None:
+        self.config = config  # prefer_cache: a file is always local
 
     def describe(self) -> str:
         return f"file {self.config.path} ({self.config.algorithm})"
@@ -125,12 +127,3 @@ class FileKeySource:
         if self.config.algorithm == "RS256":
             return RS256Key(data, self.config.kid)
         return HS256Key(data)
-
-
-def make_key_source(config: KeyConfig, prefer_cache: bool = False) -> FileKeySource | Any:
-    """The configured key source.  ``prefer_cache``: never wait on a network."""
-    if config.source == "aws":
-        from producer.aws import AwsKeySource
-
-        return AwsKeySource(config, prefer_cache=prefer_cache)
-    return FileKeySource(config)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenlife.fsutil import ensure_dir, ensure_private_dir, write_secret
 from tokenlife.layout import FILE_NAME
-from tokenlife.model import TokenRecord
+from tokenlife.records import TokenRecord
 
 
 def token_path(token_dir: Path, uid: int) -> Path:

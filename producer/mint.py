@@ -6,15 +6,14 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Any
 
-from producer.claims import build_claims
 from producer.loginfile import write_login_token
 from tokenlife.clock import Clock, SystemClock
 from tokenlife.config import Config
 from tokenlife.errors import PermissionDenied, TokenInvalid, TokenlifeError
-from tokenlife.interfaces import KeySource, TokenStore
-from tokenlife.model import ACTIVE, TokenRecord
+from tokenlife.interfaces import KeySource, SigningKey, TokenKind, TokenStore
+from tokenlife.records import ACTIVE, TokenRecord
+from tokenlife.slurm_jwt import SlurmJwt
 from tokenlife.users import UserInfo, describe_uid, lookup, uid_of
 
 log = logging.getLogger(__name__)
@@ -28,6 +27,7 @@ class Minter:
         store: TokenStore,
         clock: Clock | None = None,
         login_dir: Path | None = None,
+        kind: TokenKind | None = None,
     ) -> None:
         self.config = config
         self.key_source = key_source
@@ -35,6 +35,7 @@ class Minter:
         self.clock = clock or SystemClock()
         #: where login-node token files go; None: do not write one
         self.login_dir = login_dir
+        self.kind: TokenKind = kind or SlurmJwt()
 
     # -- policy -------------------------------------------------------------
 
@@ -85,7 +86,7 @@ class Minter:
         lifetime = lifetime or t.lifetime
         limit = now + (renew_until or t.renew_until)
         exp = min(now + lifetime, limit)
-        token = key.sign(build_claims(user, now, exp))
+        token = self.kind.make(key, user, now, exp)
         record = TokenRecord(
             token_id=secrets.token_hex(8),
             user=user.name,
@@ -109,7 +110,7 @@ class Minter:
         self._write_login(record)
         return record, True
 
-    def reusable(self, user: UserInfo, key: Any, now: int) -> TokenRecord | None:
+    def reusable(self, user: UserInfo, key: SigningKey, now: int) -> TokenRecord | None:
         """The stored token if it is still good for a while and signed by today's key."""
         record = self.store.current(user.name)
         if record is None or record.state != ACTIVE or record.uid != user.uid:
@@ -121,10 +122,11 @@ class Minter:
         if record.key_id != key.key_id:
             return None
         try:
-            claims = key.verify(record.token)
-        except TokenInvalid:
+            self.kind.verify(key, record.token)
+            subject = self.kind.read(record.token).subject
+        except (TokenInvalid, ValueError):
             return None
-        return record if claims.get("sun") == user.name else None
+        return record if subject == user.name else None
 
     def _write_login(self, record: TokenRecord) -> None:
         if self.login_dir is not None:

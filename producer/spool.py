@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from tokenlife.fsutil import write_secret
-from tokenlife.model import TokenRecord
+from tokenlife.records import TokenRecord
 from tokenlife.users import validate_name
 
 

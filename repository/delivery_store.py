@@ -7,62 +7,27 @@ reads them and ``revoke`` asks for removals.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from sqlalchemy import delete, insert, select, update
 
 from repository.models import DeliveryRow, EventRow, TokenRow
-from repository.rows import to_dt, to_epoch, to_record
-from repository.store import SqlTokenStore
-from tokenlife.model import ACTIVE, DeliveryRecord, TokenRecord
+from repository.rows import to_delivery, to_dt, to_record
+from tokenlife.interfaces import Repository
+from tokenlife.records import ACTIVE, DeliveryRecord, DeliveryResult, DeliveryTask
 
 PENDING, DELIVERED, FAILED, REMOVING = "pending", "delivered", "failed", "removing"
 
 
-@dataclass(frozen=True)
-class Task:
-    """One thing owed to one node: the user's current token, or a removal (token None)."""
-
-    delivery: DeliveryRecord
-    token: TokenRecord | None
-
-
-@dataclass(frozen=True)
-class Result:
-    user: str
-    node: str
-    ok: bool
-    #: what the node now holds (ok put), or None for a removal
-    token_id: str = ""
-    version: int = 0
-    removed: bool = False
-    error: str = ""
-    retry_at: int = 0
-    outcome: str = ""  # the transport's word for a put (installed, unchanged, ...)
-
-
-def to_delivery(row: DeliveryRow) -> DeliveryRecord:
-    return DeliveryRecord(
-        user=row.user,
-        uid=row.uid,
-        node=row.node,
-        token_id=row.token_id,
-        version=row.version,
-        status=row.status,
-        attempts=row.attempts,
-        last_error=row.last_error,
-        next_attempt=to_epoch(row.next_attempt),
-        last_seen=to_epoch(row.last_seen),
-        updated=to_epoch(row.updated),
-    )
+#: the names this module has always used for a delivery owed and its outcome
+Task = DeliveryTask
+Result = DeliveryResult
 
 
 class DeliveryStore:
-    def __init__(self, store: SqlTokenStore) -> None:
+    def __init__(self, store: Repository) -> None:
         self.store = store
 
     def deliveries(self, user: str | None = None) -> list[DeliveryRecord]:
-        with self.store._session(read_only=True) as s:
+        with self.store.transaction(read_only=True) as s:
             query = select(DeliveryRow).order_by(DeliveryRow.user, DeliveryRow.node)
             if user:
                 query = query.where(DeliveryRow.user == user)
@@ -70,13 +35,13 @@ class DeliveryStore:
 
     def request_removal(self, user: str, now: int) -> int:
         """Ask delivery to delete ``user``'s token file from every node at once."""
-        with self.store._session() as s:
+        with self.store.transaction() as s:
             result = s.execute(
                 update(DeliveryRow)
                 .where(DeliveryRow.user == user, DeliveryRow.status != REMOVING)
                 .values(status=REMOVING, attempts=0, next_attempt=to_dt(now), updated=to_dt(now))
             )
-            return int(result.rowcount)  # type: ignore[attr-defined]
+            return int(result.rowcount)
 
     def sync_needs(
         self, needs: dict[str, set[str]], uids: dict[str, int], now: int, grace: int | None
@@ -86,7 +51,7 @@ class DeliveryStore:
         With ``grace`` (a complete view of the cluster's jobs), nodes not seen
         for longer than that are queued for removal.
         """
-        with self.store._session() as s:
+        with self.store.transaction() as s:
             rows = {
                 (r.user, r.node): r
                 for r in s.scalars(select(DeliveryRow).where(DeliveryRow.user.in_(list(needs))))
@@ -128,7 +93,7 @@ class DeliveryStore:
 
     def due(self, now: int, user: str | None = None, node: str | None = None) -> list[Task]:
         """What nodes are owed: a newer token, or a removal (work or token gone)."""
-        with self.store._session(read_only=True) as s:
+        with self.store.transaction(read_only=True) as s:
             query = (
                 select(DeliveryRow, TokenRow)
                 .outerjoin(
@@ -182,7 +147,7 @@ class DeliveryStore:
                     "reason": f"node {r.node}",
                 }
             )
-        with self.store._session() as s:
+        with self.store.transaction() as s:
             for user, nodes in removed.items():
                 for chunk in _chunks(nodes):
                     s.execute(

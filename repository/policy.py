@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenlife.config import TokenConfig
-from tokenlife.model import ACTIVE, TokenRecord
+from tokenlife.records import ACTIVE, Expired, TokenRecord, Waiting
 
 
 @dataclass(frozen=True)
@@ -37,42 +37,29 @@ class Policy:
 
 @dataclass(frozen=True)
 class Renew:
+    """Due: re-mint with this ``exp``.  Not due or past it: the outcomes Waiting and Expired."""
+
     new_exp: int
 
 
-@dataclass(frozen=True)
-class Wait:
-    until: int
-
-
-@dataclass(frozen=True)
-class Expire:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Refuse:
-    reason: str
-
-
-Decision = Renew | Wait | Expire | Refuse
+Decision = Renew | Waiting | Expired
 
 
 def decide(record: TokenRecord, policy: Policy, now: int, force: bool = False) -> Decision:
     """What the renewer does with ``record`` at ``now`` (``force``: ignore the window)."""
     if record.state != ACTIVE:
-        return Refuse(f"token is {record.state}")
+        return Expired(f"token is {record.state}")
     if now >= record.renew_until:
-        return Expire("past renew-until")
+        return Expired("past renew-until")
     if record.exp >= record.renew_until:
         # Already at its limit: nothing to gain; look again when it runs out.
-        return Wait(record.renew_until)
+        return Waiting(record.renew_until)
     due = policy.due_at(record)
     if not force and now < due:
-        return Wait(due)
+        return Waiting(due)
     new_exp = min(now + record.lifetime, record.renew_until)
     if new_exp <= record.exp:
-        return Wait(max(due, now + 1))  # forced at issue time: a renewal would gain nothing
+        return Waiting(max(due, now + 1))  # forced at issue time: a renewal would gain nothing
     return Renew(new_exp)
 
 
@@ -86,7 +73,7 @@ def next_check(record: TokenRecord, policy: Policy) -> int:
 def rotation(record: TokenRecord, now: int) -> Decision:
     """Re-mint under a new key: the renewal limit still holds, the window does not."""
     if record.state != ACTIVE:
-        return Refuse(f"token is {record.state}")
+        return Expired(f"token is {record.state}")
     if now >= record.renew_until:
-        return Expire("past renew-until")
+        return Expired("past renew-until")
     return Renew(min(now + record.lifetime, record.renew_until))

@@ -15,39 +15,22 @@ import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from producer.claims import build_claims
-from repository.policy import (
-    Decision,
-    Expire,
-    Policy,
-    Refuse,
-    Wait,
-    decide,
-    next_check,
-    rotation,
-)
-from repository.renewal_store import Expired, Failed, Outcome, RenewalStore, Renewed, Waiting
-from repository.store import SqlTokenStore
+from repository.policy import Decision, Policy, Renew, decide, next_check, rotation
 from tokenlife.backoff import backoff
 from tokenlife.clock import Clock, SystemClock
 from tokenlife.config import Config
 from tokenlife.errors import TokenlifeError
-from tokenlife.interfaces import KeySource
-from tokenlife.model import TokenRecord
+from tokenlife.interfaces import KeySource, Repository, SigningKey, Sink, TokenKind
+from tokenlife.records import Expired, Failed, Outcome, Renewed, TokenRecord, Waiting
+from tokenlife.slurm_jwt import SlurmJwt
 from tokenlife.users import UserInfo, lookup
 
 log = logging.getLogger(__name__)
 
 RETRY_BASE = 60  # first retry after a minute ...
 RETRY_CAP = 3600  # ... doubling up to an hour, but always well before exp
-
-
-class RenewalListener(Protocol):
-    """Told about freshly renewed tokens (delivery hooks in here)."""
-
-    def renewed(self, records: list[TokenRecord]) -> None: ...
 
 
 @dataclass
@@ -87,20 +70,23 @@ class Renewer:
         self,
         config: Config,
         key_source: KeySource,
-        store: SqlTokenStore,
+        store: Repository,
         clock: Clock | None = None,
-        listeners: list[RenewalListener] | None = None,
+        sinks: list[Sink] | None = None,
         actor: str = "renewer",
         users: Callable[[str], UserInfo] = lookup,
+        kind: TokenKind | None = None,
     ) -> None:
         self.config = config
         self.key_source = key_source
-        self.store = RenewalStore(store)
+        self.repository = store
+        self.store = store.renewals
         self.clock = clock or SystemClock()
         self.policy = Policy.from_config(config.token)
-        self.listeners = listeners or []
+        self.sinks = sinks or []
         self.actor = actor
         self.users = users  # the user database (injectable for benchmarks)
+        self.kind: TokenKind = kind or SlurmJwt()
 
     def tick(self, user: str | None = None, force: bool = False) -> Summary:
         """Renew what is due (``force``: everything renewable), expire what is past."""
@@ -136,16 +122,15 @@ class Renewer:
         not_key: str | None = None,
     ) -> Summary:
         summary = Summary()
-        key: list[Any] = []  # loaded at the first renewal, once per run
+        key: list[SigningKey] = []  # loaded at the first renewal, once per run
+        kind = self.kind
         infos: dict[str, UserInfo] = {}  # one user database lookup per user and run
-        fresh: dict[str, TokenRecord] = {}  # renewed records, for the listeners
+        fresh: dict[str, TokenRecord] = {}  # renewed records, for the sinks
 
         def handle(record: TokenRecord) -> Outcome:
             decision = decision_of(record)
-            if isinstance(decision, Wait):
-                return Waiting(decision.until)
-            if isinstance(decision, Expire | Refuse):
-                return Expired(decision.reason)
+            if not isinstance(decision, Renew):
+                return decision  # Waiting or Expired: the outcome itself
             try:
                 if not key:
                     key.append(key_source.load())
@@ -154,7 +139,7 @@ class Renewer:
                     info = infos[record.user] = self.users(record.user)
                 if info.uid != record.uid:
                     return Expired(f"user {record.user} now has uid {info.uid}")
-                token = key[0].sign(build_claims(info, now, decision.new_exp))
+                token = kind.make(key[0], info, now, decision.new_exp)
             except TokenlifeError as exc:
                 delay = retry_delay(record.attempts, record.exp - now)
                 return Failed(str(exc), now + delay)
@@ -168,9 +153,9 @@ class Renewer:
         with _gc_paused():
             results = self.store.process(now, handle, self.actor, user, force, not_key=not_key)
             self._account(results, fresh, renewed, summary, event)
-        for listener in self.listeners:
+        for sink in self.sinks:
             try:
-                listener.renewed(renewed)
+                sink.renewed(renewed)
             except TokenlifeError as exc:
                 log.warning("after renewal: %s", exc)
         return summary
@@ -183,7 +168,7 @@ class Renewer:
         summary: Summary,
         event: str,
     ) -> None:
-        """Count and log each outcome; collect the renewed records for the listeners."""
+        """Count and log each outcome; collect the renewed records for the sinks."""
         for record, outcome in results:
             if isinstance(outcome, Renewed):
                 summary.renewed += 1
@@ -220,7 +205,7 @@ def _gc_paused() -> Iterator[None]:
     (records, outcomes, results); the collector would scan them again and
     again for no cycle: about a quarter of the run's own Python time at
     100,000 tokens.  Collection resumes when the run ends, error or not, and
-    before the listeners (delivery) are called.
+    before the sinks are called.
     """
     if not gc.isenabled():
         yield

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
-from repository.models import EventRow, TokenRow
-from tokenlife.model import TokenRecord
+from repository.models import DeliveryRow, EventRow, TokenRow
+from tokenlife.records import DeliveryRecord, TokenRecord
 
 
 def to_dt(epoch: int) -> datetime:
@@ -34,6 +34,44 @@ def to_record(row: TokenRow) -> TokenRecord:
         state=row.state,
         attempts=row.attempts,
         token=row.token,
+    )
+
+
+def to_row(record: TokenRecord, next_check: int) -> TokenRow:
+    """A new row for ``record``, to be looked at by the renewer at ``next_check``."""
+    return TokenRow(
+        token_id=record.token_id,
+        user=record.user,
+        uid=record.uid,
+        gid=record.gid,
+        first_issued=to_dt(record.first_issued),
+        iat=to_dt(record.iat),
+        exp=to_dt(record.exp),
+        renew_until=to_dt(record.renew_until),
+        lifetime=record.lifetime,
+        key_id=record.key_id,
+        version=record.version,
+        state=record.state,
+        token=record.token,
+        next_check=to_dt(next_check),
+        attempts=0,
+        last_error="",
+    )
+
+
+def to_delivery(row: DeliveryRow) -> DeliveryRecord:
+    return DeliveryRecord(
+        user=row.user,
+        uid=row.uid,
+        node=row.node,
+        token_id=row.token_id,
+        version=row.version,
+        status=row.status,
+        attempts=row.attempts,
+        last_error=row.last_error,
+        next_attempt=to_epoch(row.next_attempt),
+        last_seen=to_epoch(row.last_seen),
+        updated=to_epoch(row.updated),
     )
 
 

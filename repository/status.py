@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 from repository.delivery_store import DELIVERED, FAILED, PENDING, REMOVING
 from repository.models import DeliveryRow, EventRow, TokenRow
 from repository.rows import to_dt, to_epoch
-from repository.store import SqlTokenStore
-from tokenlife.model import ACTIVE, EXPIRED, REVOKED
+from tokenlife.interfaces import Repository
+from tokenlife.records import ACTIVE, EXPIRED, REVOKED
 
 #: how far back ``events`` counts
 WINDOW = 86400
@@ -93,9 +93,9 @@ class Snapshot:
         }
 
 
-def snapshot(store: SqlTokenStore, now: int) -> Snapshot:
+def snapshot(store: Repository, now: int) -> Snapshot:
     """Counts and limits as of ``now`` (epoch seconds); StoreError if the store fails."""
-    with store._session(read_only=True) as s:
+    with store.transaction(read_only=True) as s:
         tokens = dict.fromkeys(TOKEN_STATES, 0)
         for state, count in s.execute(
             select(TokenRow.state, func.count()).group_by(TokenRow.state)

@@ -11,7 +11,9 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import create_engine, delete, event, func, select
 from sqlalchemy.engine import Connection, Engine
@@ -21,9 +23,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from producer.spool import SpoolStore
 from repository.migrate import migrate
 from repository.models import EventRow, TokenRow
-from repository.rows import audit, to_dt, to_epoch, to_record
+from repository.rows import audit, to_dt, to_epoch, to_record, to_row
+from tokenlife.config import StoreConfig
 from tokenlife.errors import StoreError
-from tokenlife.model import ACTIVE, TokenRecord
+from tokenlife.records import ACTIVE, TokenRecord
+
+if TYPE_CHECKING:
+    from repository.delivery_store import DeliveryStore
+    from repository.renewal_store import RenewalStore
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +101,39 @@ class SqlTokenStore:
                 self.ingest_spool()
         return self._sessions
 
+    @classmethod
+    def from_config(cls, config: StoreConfig) -> SqlTokenStore:
+        """``[store]``: the URL, and the login path's spool when that directory exists."""
+        return cls(config.url, config.spool_dir if config.spool_dir.is_dir() else None)
+
+    @cached_property
+    def renewals(self) -> RenewalStore:
+        """The renewer's view: claim due tokens, apply outcomes in bulk."""
+        from repository.renewal_store import RenewalStore
+
+        return RenewalStore(self)
+
+    @cached_property
+    def deliveries(self) -> DeliveryStore:
+        """What each node holds of whose token, and what is owed."""
+        from repository.delivery_store import DeliveryStore
+
+        return DeliveryStore(self)
+
+    def close(self) -> None:
+        """Release the connections (the store reopens on its next use)."""
+        with self._opening:
+            if self._sessions is not None:
+                self.engine.dispose()
+                self._sessions = None
+
     @contextmanager
-    def _session(self, read_only: bool = False) -> Iterator[Session]:
-        """One transaction.  ``read_only``: it never writes (SQLite: no write lock)."""
+    def transaction(self, read_only: bool = False) -> Iterator[Session]:
+        """One transaction, for the store's own views (renewals, deliveries, status).
+
+        ``read_only``: it never writes (SQLite: it takes no write lock).
+        Database errors leave as StoreError with the driver's first line.
+        """
         sessions = self._open()
         try:
             with sessions.begin() as session:
@@ -107,7 +144,7 @@ class SqlTokenStore:
             raise StoreError(f"token store failed: {_reason(exc)}") from exc
 
     def current(self, user: str) -> TokenRecord | None:
-        with self._session(read_only=True) as s:
+        with self.transaction(read_only=True) as s:
             row = s.scalars(
                 select(TokenRow)
                 .where(TokenRow.user == user, TokenRow.state == ACTIVE)
@@ -117,14 +154,14 @@ class SqlTokenStore:
             return None if row is None else to_record(row)
 
     def records(self, user: str | None = None) -> list[TokenRecord]:
-        with self._session(read_only=True) as s:
+        with self.transaction(read_only=True) as s:
             query = select(TokenRow).order_by(TokenRow.user, TokenRow.id)
             if user:
                 query = query.where(TokenRow.user == user)
             return [to_record(r) for r in s.scalars(query)]
 
     def save(self, record: TokenRecord, event: str, actor: str, reason: str = "") -> None:
-        with self._session() as s:
+        with self.transaction() as s:
             self._save(s, record, event, actor, reason)
 
     def _save(self, s: Session, record: TokenRecord, event: str, actor: str, reason: str) -> None:
@@ -134,34 +171,16 @@ class SqlTokenStore:
         ):
             if old.token_id != record.token_id:
                 old.state = "expired"
-        s.add(
-            TokenRow(
-                token_id=record.token_id,
-                user=record.user,
-                uid=record.uid,
-                gid=record.gid,
-                first_issued=to_dt(record.first_issued),
-                iat=to_dt(record.iat),
-                exp=to_dt(record.exp),
-                renew_until=to_dt(record.renew_until),
-                lifetime=record.lifetime,
-                key_id=record.key_id,
-                version=record.version,
-                state=record.state,
-                token=record.token,
-                # The next tick looks at a new token once and files it for
-                # its renewal window (the store knows no policy).
-                next_check=to_dt(record.iat),
-                attempts=0,
-                last_error="",
-            )
-        )
+        # The next tick looks at a new token once and files it for its
+        # renewal window (the store knows no policy).
+        s.add(to_row(record, next_check=record.iat))
         s.flush()
         audit(s, record.iat, event, record.user, record.token_id, record.version, actor, reason)
 
     def ingest_spool(self) -> int:
         """Import login-path records not yet stored (idempotent by token id)."""
-        assert self.spool is not None
+        if self.spool is None:
+            return 0
         count = 0
         for path, data in self.spool.pending():
             try:
@@ -170,7 +189,7 @@ class SqlTokenStore:
                 log.warning("ignoring malformed spool record %s: %s", path.name, exc)
                 continue
             try:
-                with self._session() as s:
+                with self.transaction() as s:
                     known = s.scalar(
                         select(TokenRow.id).where(TokenRow.token_id == record.token_id)
                     )
@@ -202,7 +221,7 @@ class SqlTokenStore:
         ``events_before`` asks to drop events older than that.  Returns the
         purged records and the number of events dropped.
         """
-        with self._session() as s:
+        with self.transaction() as s:
             rows = list(
                 s.scalars(
                     select(TokenRow)
@@ -224,7 +243,7 @@ class SqlTokenStore:
             return purged, dropped
 
     def events(self, user: str | None = None) -> list[dict[str, object]]:
-        with self._session(read_only=True) as s:
+        with self.transaction(read_only=True) as s:
             query = select(EventRow).order_by(EventRow.id)
             if user:
                 query = query.where(EventRow.user == user)

@@ -8,17 +8,33 @@ standard library is imported: the PAM login path loads this module.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tokenlife import engine_settings
-from tokenlife.durations import parse_duration
+from tokenlife import engine_settings, registry
+from tokenlife.config_values import (
+    USER_NAME,
+    abspath,
+    backend,
+    backends,
+    boolean,
+    choice,
+    duration,
+    fraction,
+    hosts,
+    http_url,
+    integer,
+    kid,
+    listen,
+    nonempty,
+    store_url,
+    username,
+    usernames,
+)
 from tokenlife.engine_settings import EngineSettings
 from tokenlife.errors import ConfigError
 
@@ -43,6 +59,8 @@ class KeyConfig:
     endpoint_url: str | None = None
     cache_path: Path = Path("/var/lib/tokenlife/aws-key.cache")
     refresh: int = 3600
+    #: a plugin source's own table, ``[key.<source>]``, as written (the plugin checks it)
+    options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,10 @@ class TokenConfig:
     renew_before: int = 3600
     #: a token is due in the last ``renew_fraction`` of its lifetime
     renew_fraction: float = 0.25
+    #: the kind of token minted (tokenlife.registry: token kinds)
+    kind: str = "slurm_jwt"
+    #: told about every renewal, in order (tokenlife.registry: sinks)
+    sinks: tuple[str, ...] = ("login_files",)
 
 
 @dataclass(frozen=True)
@@ -110,6 +132,8 @@ class DeliveryConfig:
     remove_after: int = 600
     #: ``push --job`` (PrologSlurmctld) gives up waiting for slow nodes after this
     job_timeout: int = 20
+    #: plugin transports' and job sources' own tables, ``[delivery.<name>]``, as written
+    options: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -132,126 +156,6 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     engine: EngineSettings = field(default_factory=EngineSettings)
     serve: ServeConfig = field(default_factory=ServeConfig)
-
-
-# --- value converters: each raises ValueError with a short reason ----------
-
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
-#: a node name that is safe in a log line, a path or an SSH target
-NODE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})?")
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError("expected a non-empty string")
-    if any(ord(c) < 32 for c in value):
-        raise ValueError("control characters are not allowed")
-    return value
-
-
-def _kid(value: Any) -> str:
-    text = _str(value)
-    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,56}", text):
-        raise ValueError("expected 1-56 characters from A-Z a-z 0-9 _ . : -")
-    return text
-
-
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"expected one of {', '.join(repr(c) for c in choices)}")
-        return str(value)
-
-    return convert
-
-
-def _abspath(value: Any) -> Path:
-    text = _str(value)
-    if not text.startswith("/"):
-        raise ValueError("expected an absolute path")
-    if "/../" in f"{text}/":
-        raise ValueError("'..' is not allowed in paths")
-    return Path(text)
-
-
-def _int(low: int, high: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError("expected an integer")
-        if not low <= value <= high:
-            raise ValueError(f"expected an integer from {low} to {high}")
-        return value
-
-    return convert
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("expected true or false")
-    return value
-
-
-def _duration(value: Any) -> int:
-    if not isinstance(value, str | int):
-        raise ValueError("expected a duration such as 90, 30m, 1h, 2d or 1w")
-    return parse_duration(value)
-
-
-def _fraction(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        raise ValueError("expected a number between 0 and 1 (exclusive)")
-    return float(value)
-
-
-def _username(value: Any) -> str:
-    text = _str(value)
-    if not _NAME.fullmatch(text):
-        raise ValueError(f"{text!r} is not a valid user name")
-    return text
-
-
-def _names(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise ValueError("expected a list of user names")
-    return tuple(_username(v) for v in value)
-
-
-def _hosts(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError("expected a list of node names")
-    for host in value:
-        if not NODE_NAME.fullmatch(host):
-            raise ValueError(f"{host!r} is not a valid node name")
-    return tuple(value)
-
-
-def _url(value: Any) -> str:
-    text = _str(value)
-    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
-        raise ValueError("expected an http:// or https:// URL")
-    return text
-
-
-def _store_url(value: Any) -> str:
-    text = _str(value)
-    if not re.match(r"(sqlite|postgresql)(\+\w+)?://", text):
-        raise ValueError("expected sqlite:///PATH or postgresql+psycopg://...")
-    return text
-
-
-def _listen(value: Any) -> str:
-    if value == "":
-        return ""
-    text = _str(value)
-    host, sep, port = text.rpartition(":")
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-        ok = bool(sep) and 0 < int(port) < 65536
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError('expected ADDRESS:PORT such as "127.0.0.1:9464", or ""')
-    return text
 
 
 # --- the loader -------------------------------------------------------------
@@ -290,19 +194,21 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
 
     t = top.sub("key")
     kd = d.key
+    key_source = t.take("source", backend(registry.KEY_SOURCES), kd.source)
     key = KeyConfig(
-        source=t.take("source", _choice("file", "aws"), kd.source),
-        path=t.take("path", _abspath, kd.path),
-        algorithm=t.take("algorithm", _choice("HS256", "RS256"), kd.algorithm),
-        kid=t.take("kid", _kid, kd.kid),
-        owners=t.take("owners", _names, kd.owners),
-        secret_id=t.take("secret_id", _str, kd.secret_id),
-        version_id=t.take("version_id", _str, kd.version_id),
-        version_stage=t.take("version_stage", _str, kd.version_stage),
-        region=t.take("region", _str, kd.region),
-        endpoint_url=t.take("endpoint_url", _url, kd.endpoint_url),
-        cache_path=t.take("cache_path", _abspath, kd.cache_path),
-        refresh=t.take("refresh", _duration, kd.refresh),
+        source=key_source,
+        path=t.take("path", abspath, kd.path),
+        algorithm=t.take("algorithm", choice("HS256", "RS256"), kd.algorithm),
+        kid=t.take("kid", kid, kd.kid),
+        owners=t.take("owners", usernames, kd.owners),
+        secret_id=t.take("secret_id", nonempty, kd.secret_id),
+        version_id=t.take("version_id", nonempty, kd.version_id),
+        version_stage=t.take("version_stage", nonempty, kd.version_stage),
+        region=t.take("region", nonempty, kd.region),
+        endpoint_url=t.take("endpoint_url", http_url, kd.endpoint_url),
+        cache_path=t.take("cache_path", abspath, kd.cache_path),
+        refresh=t.take("refresh", duration, kd.refresh),
+        options=_plugin_options(t, registry.KEY_SOURCES, key_source),
     )
     t.done()
     if key.source == "aws":
@@ -318,10 +224,12 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
     t = top.sub("token")
     td = d.token
     token = TokenConfig(
-        lifetime=t.take("lifetime", _duration, td.lifetime),
-        renew_until=t.take("renew_until", _duration, td.renew_until),
-        renew_before=t.take("renew_before", _duration, td.renew_before),
-        renew_fraction=t.take("renew_fraction", _fraction, td.renew_fraction),
+        lifetime=t.take("lifetime", duration, td.lifetime),
+        renew_until=t.take("renew_until", duration, td.renew_until),
+        renew_before=t.take("renew_before", duration, td.renew_before),
+        renew_fraction=t.take("renew_fraction", fraction, td.renew_fraction),
+        kind=t.take("kind", backend(registry.TOKEN_KINDS), td.kind),
+        sinks=t.take("sinks", backends(registry.SINKS), td.sinks),
     )
     t.done()
     if token.renew_until < token.lifetime:
@@ -330,59 +238,67 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
     t = top.sub("producer")
     pd = d.producer
     producer = ProducerConfig(
-        slurm_user=t.take("slurm_user", _username, pd.slurm_user),
-        allow_privileged_users=t.take("allow_privileged_users", _bool, pd.allow_privileged_users),
-        admins=t.take("admins", _names, pd.admins),
-        socket=t.take("socket", _abspath, pd.socket),
+        slurm_user=t.take("slurm_user", username, pd.slurm_user),
+        allow_privileged_users=t.take("allow_privileged_users", boolean, pd.allow_privileged_users),
+        admins=t.take("admins", usernames, pd.admins),
+        socket=t.take("socket", abspath, pd.socket),
     )
     t.done()
 
     t = top.sub("pam")
     pam = PamConfig(
-        required=t.take("required", _bool, d.pam.required),
-        min_uid=t.take("min_uid", _int(0, 2**31), d.pam.min_uid),
+        required=t.take("required", boolean, d.pam.required),
+        min_uid=t.take("min_uid", integer(0, 2**31), d.pam.min_uid),
     )
     t.done()
 
     t = top.sub("store")
     store = StoreConfig(
-        url=t.take("url", _store_url, d.store.url),
-        spool_dir=t.take("spool_dir", _abspath, d.store.spool_dir),
-        purge_after=t.take("purge_after", _duration, d.store.purge_after),
+        url=t.take("url", store_url, d.store.url),
+        spool_dir=t.take("spool_dir", abspath, d.store.spool_dir),
+        purge_after=t.take("purge_after", duration, d.store.purge_after),
     )
     t.done()
 
     t = top.sub("login")
-    login = LoginConfig(token_dir=t.take("token_dir", _abspath, d.login.token_dir))
+    login = LoginConfig(token_dir=t.take("token_dir", abspath, d.login.token_dir))
     t.done()
 
     t = top.sub("delivery")
     dd = d.delivery
+    transport = t.take("transport", backend(registry.TRANSPORTS), dd.transport)
+    jobs = t.take("jobs", backend(registry.JOB_SOURCES), dd.jobs)
+    options = {
+        name: _plugin_options(t, group, name)
+        for group, name in ((registry.TRANSPORTS, transport), (registry.JOB_SOURCES, jobs))
+        if not registry.is_builtin(group, name)
+    }
     s = t.sub("ssh")
     sd = dd.ssh
     ssh = SshConfig(
-        user=s.take("user", _username, sd.user),
-        identity_file=s.take("identity_file", _abspath, sd.identity_file),
-        known_hosts=s.take("known_hosts", _abspath, sd.known_hosts),
-        port=s.take("port", _int(1, 65535), sd.port),
-        concurrency=s.take("concurrency", _int(1, 1024), sd.concurrency),
-        ssh_config=s.take("ssh_config", _abspath, sd.ssh_config),
-        connect_timeout=s.take("connect_timeout", _duration, sd.connect_timeout),
+        user=s.take("user", username, sd.user),
+        identity_file=s.take("identity_file", abspath, sd.identity_file),
+        known_hosts=s.take("known_hosts", abspath, sd.known_hosts),
+        port=s.take("port", integer(1, 65535), sd.port),
+        concurrency=s.take("concurrency", integer(1, 1024), sd.concurrency),
+        ssh_config=s.take("ssh_config", abspath, sd.ssh_config),
+        connect_timeout=s.take("connect_timeout", duration, sd.connect_timeout),
     )
     s.done()
     st = t.sub("static")
     empty: tuple[str, ...] = ()
-    static = tuple((_user_key(st, u), st.take(u, _hosts, empty)) for u in sorted(st.data))
+    static = tuple((_user_key(st, u), st.take(u, hosts, empty)) for u in sorted(st.data))
     st.done()
     delivery = DeliveryConfig(
-        transport=t.take("transport", _choice("ssh", "local"), dd.transport),
-        remote_dir=t.take("remote_dir", _abspath, dd.remote_dir),
-        jobs=t.take("jobs", _choice("slurm", "static"), dd.jobs),
-        root=t.take("root", _abspath, dd.root),
+        transport=transport,
+        remote_dir=t.take("remote_dir", abspath, dd.remote_dir),
+        jobs=jobs,
+        root=t.take("root", abspath, dd.root),
         ssh=ssh,
         static=static,
-        remove_after=t.take("remove_after", _duration, dd.remove_after),
-        job_timeout=t.take("job_timeout", _duration, dd.job_timeout),
+        remove_after=t.take("remove_after", duration, dd.remove_after),
+        job_timeout=t.take("job_timeout", duration, dd.job_timeout),
+        options=options,
     )
     t.done()
     if delivery.transport == "local" and delivery.root is None:
@@ -395,17 +311,30 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
 
     t = top.sub("serve")
     serve = ServeConfig(
-        interval=t.take("interval", _duration, d.serve.interval),
-        metrics=t.take("metrics", _listen, d.serve.metrics),
-        deliver=t.take("deliver", _bool, d.serve.deliver),
+        interval=t.take("interval", duration, d.serve.interval),
+        metrics=t.take("metrics", listen, d.serve.metrics),
+        deliver=t.take("deliver", boolean, d.serve.deliver),
     )
     t.done()
     top.done()
     return Config(path, key, token, producer, pam, store, login, delivery, engine, serve)
 
 
+def _plugin_options(table: _Table, group: str, name: str) -> dict[str, Any]:
+    """A plugin backend's own sub-table (``[key.<name>]``), handed to it as written.
+
+    Built-in backends have typed keys of their own; a plugin validates its table.
+    """
+    if registry.is_builtin(group, name):
+        return {}
+    options = table.data.pop(name, {})
+    if not isinstance(options, dict):
+        raise ConfigError(f"{table.source}: {table.where(name)}: expected a table")
+    return options
+
+
 def _user_key(table: _Table, name: str) -> str:
-    if not _NAME.fullmatch(name):
+    if not USER_NAME.fullmatch(name):
         raise ConfigError(f"{table.source}: {table.where(name)}: not a valid user name")
     return name
 

@@ -20,16 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from repository.delivery_store import DeliveryStore, Result, Task
-from repository.store import SqlTokenStore
 from tokenlife.backoff import backoff
 from tokenlife.clock import Clock, SystemClock
 from tokenlife.errors import TokenlifeError, UserError
+from tokenlife.interfaces import JobSource, Repository, Transport
+from tokenlife.records import DeliveryResult as Result
+from tokenlife.records import DeliveryTask as Task
+from tokenlife.records import TokenFile
 from tokenlife.users import uid_of
 from transfer import nodefs
-from transfer.jobs import JobSource
-from transfer.tokenfile import TokenFile
-from transfer.transports import Transport
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class DeliverySummary:
 class DeliveryCycle:
     def __init__(
         self,
-        store: SqlTokenStore,
+        store: Repository,
         transport: Transport,
         jobs: JobSource | None,
         remove_after: int,
@@ -82,7 +81,7 @@ class DeliveryCycle:
         actor: str = "transfer",
         uids: Callable[[str], int | None] = uid_of,
     ) -> None:
-        self.store = DeliveryStore(store)
+        self.store = store.deliveries
         self.transport = transport
         self.jobs = jobs
         self.remove_after = remove_after

@@ -1,4 +1,4 @@
-"""Job sources: which users need a token on which nodes right now."""
+"""Job sources (tokenlife.interfaces.JobSource): which users need a token on which nodes now."""
 
 from __future__ import annotations
 
@@ -7,25 +7,20 @@ import logging
 import os
 import subprocess
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
-from tokenlife.config import NODE_NAME
+from tokenlife.config import DeliveryConfig
+from tokenlife.config_values import NODE_NAME
 from tokenlife.errors import TokenlifeError, UserError
+from tokenlife.interfaces import Needs
 from tokenlife.users import validate_name
 from transfer.hostlist import expand
 
 log = logging.getLogger(__name__)
 
-Needs = dict[str, set[str]]  # user -> nodes
 
 #: job states whose nodes run (or are about to run, or will resume) the job
 ACTIVE_STATES = frozenset({"RUNNING", "CONFIGURING", "SUSPENDED"})
-
-
-class JobSource(Protocol):
-    def needs(self) -> Needs:
-        """Users and the nodes where they have work; TokenlifeError if unknown."""
-        ...
 
 
 def valid_node(name: str) -> bool:
@@ -52,6 +47,10 @@ class StaticJobs:
     def __init__(self, table: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
         self.table = table
 
+    @classmethod
+    def from_config(cls, config: DeliveryConfig) -> StaticJobs:
+        return cls(config.static)
+
     def needs(self) -> Needs:
         needs: Needs = {}
         for user, nodes in self.table:
@@ -65,6 +64,10 @@ class SlurmJobs:
     def __init__(self, squeue: str = "squeue", timeout: float = 30) -> None:
         self.squeue = squeue
         self.timeout = timeout
+
+    @classmethod
+    def from_config(cls, config: DeliveryConfig) -> SlurmJobs:
+        return cls()
 
     def needs(self) -> Needs:
         try:

@@ -10,7 +10,7 @@ import contextlib
 import errno
 import os
 
-from transfer.nodefs import FileInfo, Owner
+from tokenlife.interfaces import FileInfo, Owner
 
 
 class LocalFS:

@@ -20,11 +20,11 @@ import logging
 import secrets
 import stat
 import time
-from dataclasses import dataclass
-from typing import Protocol
 
 from tokenlife.errors import TransportError
-from transfer.tokenfile import FILE_NAME, TokenFile
+from tokenlife.interfaces import FileInfo, NodeFS
+from tokenlife.layout import FILE_NAME
+from tokenlife.records import TokenFile
 
 log = logging.getLogger(__name__)
 
@@ -34,51 +34,6 @@ LOCK_STALE = 60.0
 LOCK_WAIT = 10.0
 
 INSTALLED, UNCHANGED, NEWER_THERE = "installed", "unchanged", "newer-there"
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    mode: int  # st_mode, with the type bits
-    uid: int
-    gid: int
-    size: int
-    mtime: int
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_file(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-
-Owner = tuple[int, int] | None  # (uid, gid) to hand a file to; None: keep ours
-
-
-class NodeFS(Protocol):
-    """File operations on one node, by absolute path.  Errors: OSError."""
-
-    #: the uid files are created as there (root for a normal delivery)
-    own_uid: int
-
-    def lstat(self, path: str) -> FileInfo | None: ...
-
-    def mkdir(self, path: str, mode: int, owner: Owner) -> None: ...
-
-    def fix_dir(self, path: str, mode: int, owner: Owner) -> None: ...
-
-    def create(self, path: str, data: bytes, mode: int, owner: Owner, mtime: int | None) -> bool:
-        """Create exclusively (False if it exists), write, sync, set owner and mtime."""
-        ...
-
-    def rename(self, src: str, dst: str) -> None:
-        """Atomically replace ``dst`` (POSIX rename)."""
-        ...
-
-    def remove(self, path: str) -> bool: ...
-
-    def rmdir(self, path: str) -> bool: ...
 
 
 def _join(*parts: str) -> str:

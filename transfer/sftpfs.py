@@ -13,7 +13,7 @@ from typing import Any
 import paramiko
 from paramiko.sftp import CMD_EXTENDED, SFTPError
 
-from transfer.nodefs import FileInfo, Owner
+from tokenlife.interfaces import FileInfo, Owner
 
 #: paramiko's mode for SSH_FXF_CREAT | SSH_FXF_EXCL | SSH_FXF_WRITE
 _CREATE_EXCL = "wx"

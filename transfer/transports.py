@@ -1,36 +1,23 @@
-"""Transports: put a user's token file on a node, or take it away."""
+"""Transports (tokenlife.interfaces.Transport): put a token file on a node, or take it away."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from tokenlife.config import DeliveryConfig
-from tokenlife.errors import ConfigError, TransportError
+from tokenlife.errors import TransportError
+from tokenlife.records import TokenFile
 from transfer import nodefs
 from transfer.localfs import LocalFS
-from transfer.tokenfile import TokenFile
 
 if TYPE_CHECKING:
     from transfer.sftpfs import SftpFS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class Transport(Protocol):
-    def put(self, node: str, tf: TokenFile) -> str:
-        """Install ``tf`` on ``node`` unless it has a newer one: nodefs.INSTALLED,
-        UNCHANGED or NEWER_THERE.  TransportError with the node and the reason."""
-        ...
-
-    def remove(self, node: str, uid: int) -> bool:
-        """Delete the user's token file on ``node``; True if one was there."""
-        ...
-
-    def close(self) -> None: ...
 
 
 def _reason(node: str, exc: OSError) -> TransportError:
@@ -48,6 +35,10 @@ class LocalTransport:
     def __init__(self, remote_dir: Path, root: Path | None = None) -> None:
         self.remote_dir = str(remote_dir)
         self.root = root
+
+    @classmethod
+    def from_config(cls, config: DeliveryConfig) -> LocalTransport:
+        return cls(config.remote_dir, config.root)
 
     def _fs(self, node: str) -> LocalFS:
         return LocalFS(str(self.root / node) if self.root else "")
@@ -97,11 +88,3 @@ class SshTransport:
 
     def close(self) -> None:
         self.pool.close()
-
-
-def make_transport(config: DeliveryConfig) -> Transport:
-    if config.transport == "local":
-        return LocalTransport(config.remote_dir, config.root)
-    if config.transport == "ssh":
-        return SshTransport(config)
-    raise ConfigError(f"delivery.transport: unknown transport {config.transport!r}")

@@ -42,7 +42,6 @@ import jwt
 import pytest
 from sqlalchemy import create_engine, func, insert, select, text
 
-from producer.claims import build_claims
 from producer.keys import FileKeySource, HS256Key
 from repository.models import TokenRow
 from repository.renewal_store import RenewalStore
@@ -52,8 +51,9 @@ from repository.store import SqlTokenStore
 from tests.conftest import REPO
 from tests.integration.harness.postgres import PostgresServer
 from tests.integration.harness.renew_worker import TOKEN, synthetic_user, user_name
-from tokenlife.clock import FakeClock
 from tokenlife.config import Config, KeyConfig
+from tokenlife.slurm_jwt import build_claims
+from tokenlife.testing.fakes import FakeClock
 
 NOW = 1_800_000_000
 OLD_IAT = NOW - 3000

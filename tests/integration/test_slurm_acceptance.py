@@ -19,7 +19,7 @@ from producer.spool import SpoolStore
 from tests.conftest import run_cli
 from tests.integration.conftest import SlurmSite, write_hs_key, write_rsa_key
 from tokenlife import config as configmod
-from tokenlife.clock import FakeClock
+from tokenlife.testing.fakes import FakeClock
 
 pytestmark = pytest.mark.slurm
 REST_DIAG = "/slurm/v0.0.38/diag"

@@ -11,36 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from producer.keys import HS256Key
 from producer.mint import Minter
 from repository.delivery_store import DeliveryStore
 from repository.store import SqlTokenStore
 from tests.conftest import require_root, require_tool
 from tests.integration.harness.sshnodes import SshNodes
-from tokenlife.clock import FakeClock
 from tokenlife.config import Config, DeliveryConfig, SshConfig, TokenConfig
-from tokenlife.model import TokenRecord
+from tokenlife.records import TokenRecord
+from tokenlife.testing.fakes import FakeClock, FakeJobs, StaticKeySource
 from transfer.cycle import DeliveryCycle
 from transfer.transports import SshTransport
 
 NODES = ("node01", "node02", "node03")
 KEY = secrets.token_bytes(32)
-
-
-class Key:
-    def load(self) -> HS256Key:
-        return HS256Key(KEY)
-
-    def describe(self) -> str:
-        return "test"
-
-
-class Jobs:
-    def __init__(self, user: str) -> None:
-        self.current = {user: set(NODES)}
-
-    def needs(self) -> dict[str, set[str]]:
-        return {u: set(n) for u, n in self.current.items()}
 
 
 @dataclass
@@ -95,10 +78,18 @@ def site(ssh_nodes: SshNodes, tmp_path: Path, test_users: tuple[str, str]) -> It
     store = SqlTokenStore(f"sqlite:///{tmp_path}/db")
     transport = SshTransport(delivery)
     alice = test_users[0]
-    cycle = DeliveryCycle(store, transport, Jobs(alice), remove_after=600, clock=clock)
+    cycle = DeliveryCycle(
+        store, transport, FakeJobs({alice: set(NODES)}), remove_after=600, clock=clock
+    )
     try:
         yield Site(
-            ssh_nodes, clock, store, transport, cycle, Minter(config, Key(), store, clock), alice
+            ssh_nodes,
+            clock,
+            store,
+            transport,
+            cycle,
+            Minter(config, StaticKeySource(KEY), store, clock),
+            alice,
         )
     finally:
         transport.close()
@@ -176,7 +167,7 @@ def test_a_pooled_connection_that_died_is_replaced(site: Site) -> None:
 def test_ended_work_is_removed_from_its_node(site: Site) -> None:
     record = site.mint()
     site.cycle.run()
-    assert isinstance(site.cycle.jobs, Jobs)
+    assert isinstance(site.cycle.jobs, FakeJobs)
     site.cycle.jobs.current = {site.user: {"node01"}}
     site.clock.advance(601)
     assert site.cycle.run().removed == 2

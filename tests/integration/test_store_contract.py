@@ -28,7 +28,7 @@ from producer.spool import SpoolStore
 from repository.store import SqlTokenStore
 from tests.integration.harness.postgres import PostgresServer, free_port
 from tokenlife.errors import StoreError
-from tokenlife.model import ACTIVE, EXPIRED, TokenRecord
+from tokenlife.records import ACTIVE, EXPIRED, TokenRecord
 
 HOUR, DAY = 3600, 86400
 NOW = 1_767_225_600 + 17  # 2026-01-01T00:00:17Z

@@ -6,7 +6,7 @@ from sqlalchemy import inspect, text
 
 from repository.migrate import HEAD, current, migrate
 from repository.store import SqlTokenStore, make_engine
-from tokenlife.model import TokenRecord
+from tokenlife.records import TokenRecord
 
 
 def test_upgrade_from_0001_keeps_tokens_and_the_audit_trail(store_url: str) -> None:

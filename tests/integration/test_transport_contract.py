@@ -21,11 +21,12 @@ import pytest
 from tests.conftest import require_root, require_tool
 from tests.integration.harness.sshnodes import SshNodes
 from tokenlife.errors import TransportError
+from tokenlife.interfaces import NodeFS
+from tokenlife.records import TokenFile
 from transfer import nodefs
 from transfer.localfs import LocalFS
-from transfer.nodefs import INSTALLED, NEWER_THERE, UNCHANGED, NodeFS
+from transfer.nodefs import INSTALLED, NEWER_THERE, UNCHANGED
 from transfer.sftpfs import SftpFS
-from transfer.tokenfile import TokenFile
 
 BASE = "/run/tokenlife"
 UID, GID = 4242, 4343

@@ -16,7 +16,7 @@ from repository.models import DeliveryRow
 from repository.rows import to_dt
 from repository.store import SqlTokenStore
 from tests.conftest import run_cli, write_cli_site
-from tokenlife.model import TokenRecord
+from tokenlife.records import TokenRecord
 
 OLD_KEY = secrets.token_bytes(32)
 NEW_KEY = secrets.token_bytes(32)

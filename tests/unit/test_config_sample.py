@@ -31,6 +31,8 @@ def code_keys() -> set[str]:
             continue
         default = getattr(configmod.Config(), section.name)
         for item in dataclasses.fields(default):
+            if item.name == "options":
+                continue  # a plugin backend's own table, not a key of ours
             if item.name == "ssh":
                 keys |= {f"delivery.ssh.{f.name}" for f in dataclasses.fields(default.ssh)}
             elif item.name == "static":

@@ -10,45 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from producer.keys import HS256Key
 from producer.mint import Minter
 from repository.delivery_store import DeliveryStore
 from repository.renewal_store import RenewalStore
 from repository.renewer import Renewer
 from repository.store import SqlTokenStore
 from tests.conftest import require_root
-from tokenlife.clock import FakeClock
 from tokenlife.config import Config, TokenConfig
 from tokenlife.errors import TransportError
+from tokenlife.records import TokenFile
+from tokenlife.testing.fakes import FakeClock, FakeJobs, StaticKeySource
 from tokenlife.users import uid_of
 from transfer.cycle import DeliveryCycle
-from transfer.tokenfile import TokenFile
 from transfer.transports import LocalTransport
 
 KEY = secrets.token_bytes(32)
 USER = "nobody"
 BASE = Path("/run/tokenlife")
-
-
-class Key:
-    def load(self) -> HS256Key:
-        return HS256Key(KEY)
-
-    def describe(self) -> str:
-        return "test"
-
-
-class Jobs:
-    def __init__(self) -> None:
-        self.current: dict[str, set[str]] = {}
-        self.broken = False
-
-    def needs(self) -> dict[str, set[str]]:
-        if self.broken:
-            from tokenlife.errors import TokenlifeError
-
-            raise TokenlifeError("squeue failed (exit 1): Unable to contact slurm controller")
-        return {u: set(n) for u, n in self.current.items()}
 
 
 class FlakyTransport(LocalTransport):
@@ -70,10 +48,10 @@ def site(tmp_path: Path):  # type: ignore[no-untyped-def]
     store = SqlTokenStore(f"sqlite:///{tmp_path}/db")
     transport = FlakyTransport(BASE, tmp_path / "nodes")
     transport.down = set()
-    jobs = Jobs()
+    jobs = FakeJobs()
     cycle = DeliveryCycle(store, transport, jobs, remove_after=600, clock=clock)
-    minter = Minter(config, Key(), store, clock)
-    renewer = Renewer(config, Key(), store, clock)
+    minter = Minter(config, StaticKeySource(KEY), store, clock)
+    renewer = Renewer(config, StaticKeySource(KEY), store, clock)
     return clock, store, transport, jobs, cycle, minter, renewer, tmp_path / "nodes"
 
 

@@ -28,8 +28,8 @@ import pytest
 
 from repository.store import SqlTokenStore
 from tests.conftest import require, require_root, require_tool, tokenlife_bin
-from tokenlife.demo import NODES, RENEW_UNTIL
-from tokenlife.model import TokenRecord
+from tokenlife.app.demo import NODES, RENEW_UNTIL
+from tokenlife.records import TokenRecord
 
 MAX_SECONDS = 60
 ORDINARY = "nobody"

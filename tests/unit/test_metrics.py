@@ -21,7 +21,7 @@ from repository.renewer import Summary
 from repository.store import SqlTokenStore
 from tests.conftest import run_cli, tokenlife_bin
 from tests.unit.test_serve import USER, current_token, mint_in_the_past, version, wait_for
-from tokenlife.metrics import Collector, TickStats, metrics_url, split_address
+from tokenlife.app.metrics import Collector, TickStats, metrics_url, split_address
 from transfer.cycle import DeliverySummary
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -11,29 +11,17 @@ from pathlib import Path
 import jwt
 import pytest
 
-from producer.keys import HS256Key
 from producer.mint import Minter
 from producer.spool import SpoolStore
 from repository.store import SqlTokenStore
 from tests.conftest import run_cli, write_cli_site
-from tokenlife.clock import FakeClock
 from tokenlife.config import Config, ProducerConfig, TokenConfig
 from tokenlife.errors import PermissionDenied
-from tokenlife.model import TokenRecord
+from tokenlife.records import TokenRecord
+from tokenlife.testing.fakes import FakeClock, StaticKeySource
 from tokenlife.users import lookup
 
 KEY = secrets.token_bytes(32)
-
-
-class StaticKey:
-    def __init__(self, secret: bytes = KEY) -> None:
-        self.key = HS256Key(secret)
-
-    def load(self) -> HS256Key:
-        return self.key
-
-    def describe(self) -> str:
-        return "test"
 
 
 def _me() -> str:
@@ -53,7 +41,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> SqlTokenStore | Spo
 
 def _minter(store: object, clock: FakeClock, tmp_path: Path, **token: object) -> Minter:
     config = Config(token=replace(TokenConfig(), **token))  # type: ignore[arg-type]
-    return Minter(config, StaticKey(), store, clock, login_dir=tmp_path / "run")  # type: ignore[arg-type]
+    return Minter(config, StaticKeySource(KEY), store, clock, login_dir=tmp_path / "run")  # type: ignore[arg-type]
 
 
 def test_claims_and_limits(store: object, tmp_path: Path) -> None:
@@ -101,7 +89,7 @@ def test_no_reuse_after_key_change(store: object, tmp_path: Path) -> None:
     clock = FakeClock()
     minter = _minter(store, clock, tmp_path)
     first, _ = minter.mint(_ordinary(), os.geteuid(), reuse=True)
-    minter.key_source = StaticKey(secrets.token_bytes(32))
+    minter.key_source = StaticKeySource(secrets.token_bytes(32))
     second, minted = minter.mint(_ordinary(), os.geteuid(), reuse=True)
     assert minted and second.token_id != first.token_id
 

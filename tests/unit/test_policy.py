@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from repository.policy import Expire, Policy, Refuse, Renew, Wait, decide, next_check
-from tokenlife.model import TokenRecord
+from repository.policy import Policy, Renew, decide, next_check
+from tokenlife.records import Expired, TokenRecord, Waiting
 
 H, D = 3600, 86400
 T0 = 1_800_000_000
@@ -25,8 +25,8 @@ FRESH = token(T0, T0 + 2 * D, T0 + 7 * D)
 
 def test_waits_until_last_quarter() -> None:
     assert DEFAULT.due_at(FRESH) == T0 + 2 * D - 12 * H
-    assert decide(FRESH, DEFAULT, T0) == Wait(T0 + 36 * H)
-    assert decide(FRESH, DEFAULT, T0 + 36 * H - 1) == Wait(T0 + 36 * H)
+    assert decide(FRESH, DEFAULT, T0) == Waiting(T0 + 36 * H)
+    assert decide(FRESH, DEFAULT, T0 + 36 * H - 1) == Waiting(T0 + 36 * H)
 
 
 def test_renews_in_window_with_full_lifetime() -> None:
@@ -42,7 +42,7 @@ def test_renew_before_wins_when_larger() -> None:
 def test_margin_never_more_than_half_the_lifetime() -> None:
     short = token(T0, T0 + 30, T0 + 600, lifetime=30)
     assert DEFAULT.margin(30) == 15
-    assert decide(short, DEFAULT, T0) == Wait(T0 + 15)
+    assert decide(short, DEFAULT, T0) == Waiting(T0 + 15)
     assert decide(short, DEFAULT, T0 + 15) == Renew(T0 + 45)
 
 
@@ -54,9 +54,9 @@ def test_new_exp_capped_at_renew_until() -> None:
 
 def test_at_the_limit_waits_then_expires() -> None:
     capped = token(T0 + 6 * D, T0 + 7 * D, T0 + 7 * D)
-    assert decide(capped, DEFAULT, T0 + 7 * D - 1) == Wait(T0 + 7 * D)
-    assert decide(capped, DEFAULT, T0 + 7 * D) == Expire("past renew-until")
-    assert decide(capped, DEFAULT, T0 + 8 * D) == Expire("past renew-until")
+    assert decide(capped, DEFAULT, T0 + 7 * D - 1) == Waiting(T0 + 7 * D)
+    assert decide(capped, DEFAULT, T0 + 7 * D) == Expired("past renew-until")
+    assert decide(capped, DEFAULT, T0 + 8 * D) == Expired("past renew-until")
 
 
 def test_expired_before_renew_until_is_renewed() -> None:
@@ -66,12 +66,12 @@ def test_expired_before_renew_until_is_renewed() -> None:
 
 def test_force_ignores_the_window_not_the_limit() -> None:
     assert decide(FRESH, DEFAULT, T0 + 1, force=True) == Renew(T0 + 1 + 2 * D)
-    assert decide(FRESH, DEFAULT, T0 + 7 * D, force=True) == Expire("past renew-until")
+    assert decide(FRESH, DEFAULT, T0 + 7 * D, force=True) == Expired("past renew-until")
 
 
 @pytest.mark.parametrize("state", ["revoked", "expired"])
 def test_inactive_refused(state: str) -> None:
-    assert decide(token(T0, T0 + D, T0 + 2 * D, state=state), DEFAULT, T0) == Refuse(
+    assert decide(token(T0, T0 + D, T0 + 2 * D, state=state), DEFAULT, T0) == Expired(
         f"token is {state}"
     )
 
@@ -99,10 +99,10 @@ def test_invariants_over_a_whole_life(lifetime: int, limit: int) -> None:
         if isinstance(decision, Renew):
             assert now < decision.new_exp <= renew_until and decision.new_exp > record.exp
             record = token(now, decision.new_exp, renew_until, lifetime=lifetime)
-        elif isinstance(decision, Expire):
+        elif isinstance(decision, Expired):
             expired_at = now
             break
         else:
-            assert isinstance(decision, Wait) and decision.until > now
+            assert isinstance(decision, Waiting) and decision.until > now
             assert now < record.exp, "the token ran out before renew-until while waiting"
     assert expired_at is not None and renew_until <= expired_at < renew_until + step

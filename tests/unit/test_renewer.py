@@ -10,31 +10,16 @@ from pathlib import Path
 
 import jwt
 
-from producer.keys import HS256Key
 from producer.mint import Minter
 from repository.renewer import Renewer, retry_delay
 from repository.store import SqlTokenStore
 from tests.conftest import run_cli, write_cli_site
-from tokenlife.clock import FakeClock
 from tokenlife.config import Config, TokenConfig
-from tokenlife.errors import KeySourceError
-from tokenlife.model import TokenRecord
+from tokenlife.records import TokenRecord
+from tokenlife.testing.fakes import FakeClock, StaticKeySource
 
 KEY = secrets.token_bytes(32)
 USER = "nobody" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
-
-
-class Key:
-    def __init__(self) -> None:
-        self.broken = False
-
-    def load(self) -> HS256Key:
-        if self.broken:
-            raise KeySourceError("key file /k does not exist")
-        return HS256Key(KEY)
-
-    def describe(self) -> str:
-        return "test"
 
 
 def setup(tmp_path: Path, lifetime: int = 4000, renew_until: int = 20000):  # type: ignore[no-untyped-def]
@@ -49,7 +34,7 @@ def setup(tmp_path: Path, lifetime: int = 4000, renew_until: int = 20000):  # ty
         )
     )
     store = SqlTokenStore(f"sqlite:///{tmp_path}/db.sqlite")
-    key = Key()
+    key = StaticKeySource(KEY)
     minter = Minter(config, key, store, clock)
     renewer = Renewer(config, key, store, clock)
     return clock, store, key, minter, renewer

@@ -16,7 +16,7 @@ from producer.mint import Minter
 from repository.store import SqlTokenStore
 from tests.conftest import tokenlife_bin
 from tokenlife import config as configmod
-from tokenlife.clock import FakeClock
+from tokenlife.testing.fakes import FakeClock
 
 USER = "nobody" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
 

@@ -14,35 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from producer.keys import HS256Key
 from repository.delivery_store import DeliveryStore, Result
 from repository.renewal_store import RenewalStore
 from repository.renewer import Renewer
 from repository.status import Snapshot, one_line, snapshot
 from repository.store import SqlTokenStore
 from tests.conftest import run_cli, write_cli_site
-from tokenlife.clock import FakeClock
 from tokenlife.config import Config, TokenConfig
-from tokenlife.errors import KeySourceError
-from tokenlife.model import TokenRecord
+from tokenlife.records import TokenRecord
+from tokenlife.testing.fakes import FakeClock, StaticKeySource
 from tokenlife.users import UserInfo
 
 T0 = 1_800_000_000
 KEY = secrets.token_bytes(32)
 UIDS = {"alice": 2001, "bob": 2002, "carol": 2003, "dave": 2004}
-
-
-class Key:
-    def __init__(self) -> None:
-        self.broken = False
-
-    def load(self) -> HS256Key:
-        if self.broken:
-            raise KeySourceError("key file /k does not exist")
-        return HS256Key(KEY)
-
-    def describe(self) -> str:
-        return "test"
 
 
 def users(name: str) -> UserInfo:
@@ -88,7 +73,7 @@ def fill(store: SqlTokenStore, t0: int = T0) -> dict[str, TokenRecord]:
         store.save(r, "minted", "test")  # carol's new token expires the old one
     RenewalStore(store).set_state("dave", "revoked", "revoked", "test", "", t0 - 50)
 
-    key = Key()
+    key = StaticKeySource(KEY)
     renewer = Renewer(config, key, store, FakeClock(t0 - 10), users=users)
     assert renewer.tick("alice", force=True).renewed == 1
     key.broken = True

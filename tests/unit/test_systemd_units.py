@@ -362,7 +362,7 @@ def test_the_services_share_one_sandbox(oneshot: str) -> None:
 
 def test_daemon_notifications_match_the_code() -> None:
     unit = SYSTEMD / "tokenlife.service"
-    source = (REPO / "tokenlife" / "daemon.py").read_text()
+    source = (REPO / "tokenlife" / "app" / "daemon.py").read_text()
     assert value(unit, "Service", "Type") == "notify"
     assert value(unit, "Service", "NotifyAccess") == "main"
     assert '"READY=1"' in source

@@ -40,8 +40,8 @@ from sqlalchemy import event
 from producer.keys import FileKeySource
 from repository.renewer import Renewer
 from repository.store import SqlTokenStore
-from tokenlife.clock import FakeClock
 from tokenlife.config import Config, KeyConfig, TokenConfig
+from tokenlife.testing.fakes import FakeClock
 from tokenlife.users import UserInfo
 
 UID_BASE = 200_000

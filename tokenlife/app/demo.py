@@ -93,7 +93,7 @@ class Demo:
         self.uid = os.getuid()
         self.user = name_of(self.uid)
         self.store: Any = None
-        self.transport: Any = None
+        self.site: Any = None
 
     # -- the steps ---------------------------------------------------------
 
@@ -121,15 +121,8 @@ class Demo:
         self.summary()
 
     def setup(self) -> None:
-        from producer.keys import FileKeySource
-        from producer.mint import Minter
-        from repository.listeners import LoginFiles
         from repository.policy import Policy
-        from repository.renewer import Renewer
-        from repository.store import SqlTokenStore
-        from transfer.cycle import DeliveryCycle
-        from transfer.jobs import StaticJobs
-        from transfer.transports import make_transport
+        from tokenlife.app.site import Site
 
         work = self.work
         _say(f"user {self.user} (uid {self.uid})")
@@ -156,27 +149,12 @@ class Demo:
                 f"{self.user} is a privileged account: the demo config allows its token; "
                 "never do this in production (such a token can act as any user over slurmrestd)"
             )
-        self.store = SqlTokenStore(config.store.url)
-        key_source = FileKeySource(config.key)
-        self.key = key_source.load()
-        self.minter = Minter(config, key_source, self.store, login_dir=config.login.token_dir)
-        self.renewer = Renewer(
-            config,
-            key_source,
-            self.store,
-            listeners=[LoginFiles(config.login.token_dir)],
-            actor="demo renewer",
-        )
-        d = config.delivery
-        self.transport = make_transport(d)
-        self.cycle = DeliveryCycle(
-            self.store,
-            self.transport,
-            StaticJobs(d.static),
-            d.remove_after,
-            d.ssh.concurrency,
-            actor="demo transfer",
-        )
+        self.site = site = Site.from_config(config, actor="demo renewer")
+        self.store = site.store
+        self.key = site.key_source.load()
+        self.minter = site.minter
+        self.renewer = site.renewer
+        self.cycle = site.cycle(actor="demo transfer")
 
     @property
     def privileged(self) -> bool:
@@ -259,9 +237,7 @@ class Demo:
             )
 
     def _deliveries(self) -> list[Any]:
-        from repository.delivery_store import DeliveryStore
-
-        return DeliveryStore(self.store).deliveries(self.user)
+        return list(self.store.deliveries.deliveries(self.user))
 
     def deliver_first(self, record: Any) -> None:
         _say(f"the static job source says {self.user} has work on {' and '.join(NODES)}")
@@ -406,8 +382,8 @@ class Demo:
         return proc.stdout.splitlines()
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        if self.site is not None:
+            self.site.close()
         engine = getattr(self.store, "engine", None)
         if engine is not None:
             engine.dispose()

@@ -1,4 +1,4 @@
-"""Things that happen after a renewal, behind the RenewalListener interface."""
+"""Sinks: what happens after a renewal (tokenlife.interfaces.Sink), chosen by ``token.sinks``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 
 from producer.loginfile import token_path, write_login_token
-from tokenlife.model import TokenRecord
+from tokenlife.config import Config
+from tokenlife.records import TokenRecord
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,10 @@ class LoginFiles:
 
     def __init__(self, token_dir: Path) -> None:
         self.token_dir = token_dir
+
+    @classmethod
+    def from_config(cls, config: Config) -> LoginFiles:
+        return cls(config.login.token_dir)
 
     def renewed(self, records: list[TokenRecord]) -> None:
         for record in records:

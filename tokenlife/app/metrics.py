@@ -36,10 +36,10 @@ from tokenlife.errors import TokenlifeError
 if TYPE_CHECKING:
     from repository.renewer import Summary
     from repository.status import Snapshot
-    from repository.store import SqlTokenStore
+    from tokenlife.interfaces import Repository
     from transfer.cycle import DeliverySummary
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tokenlife.metrics")  # the name operators grep for
 
 #: seconds a store snapshot serves scrapes before the next one is taken
 SNAPSHOT_TTL = 2.0
@@ -147,7 +147,7 @@ class Collector:
 
     def __init__(
         self,
-        store: Callable[[], SqlTokenStore],
+        store: Callable[[], Repository],
         stats: TickStats,
         ttl: float = SNAPSHOT_TTL,
         clock: Callable[[], float] = time.time,
@@ -314,7 +314,7 @@ class MetricsServer:
 class Metrics:
     """The daemon's metrics: the stats its ticks update, and the endpoint if enabled."""
 
-    def __init__(self, store: Callable[[], SqlTokenStore], interval: int) -> None:
+    def __init__(self, store: Callable[[], Repository], interval: int) -> None:
         self.stats = TickStats(interval=interval)
         self.collector = Collector(store, self.stats)
         self.registry = CollectorRegistry(auto_describe=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from tokenlife import __version__
-from tokenlife.cli import _subcommand
+from tokenlife.app.argv import subcommand
 from tokenlife.durations import parse_duration
 from tokenlife.errors import TokenlifeError, UsageError
 
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _handler(command: str) -> Callable[[argparse.Namespace], int]:
-    from tokenlife import handlers
+    from tokenlife.app import handlers, status
 
     return {
         "mint": handlers.mint,
@@ -193,7 +193,7 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
         "purge": handlers.purge,
         "push": handlers.push,
         "serve": handlers.serve,
-        "status": handlers.status,
+        "status": status.status,
         "config": handlers.config,
         "jwks": handlers.jwks,
         "demo": handlers.demo,
@@ -201,7 +201,7 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
 
 
 def run(argv: list[str]) -> int:
-    sub = _subcommand(argv)
+    sub = subcommand(argv)
     command = f"tokenlife-{sub}" if sub else "tokenlife"
     debug = "--debug" in argv
     try:

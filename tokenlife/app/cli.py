@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import sys
 
-
-def _subcommand(argv: list[str]) -> str | None:
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("-c", "--config"):
-            skip = True
-        elif not arg.startswith("-"):
-            return arg
-    return None
+from tokenlife.app.argv import subcommand
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if _subcommand(argv) == "pam":
-        from producer.pam import main as pam_main
+    if subcommand(argv) == "pam":
+        from tokenlife.app.pam import main as pam_main
 
         return pam_main(argv)
-    from tokenlife.commands import run
+    from tokenlife.app.parser import run
 
     return run(argv)
 

@@ -114,20 +114,12 @@ def _fallback(user: str, config_path: str | None) -> int:
 
 
 def _mint_here(user: str, config: object) -> None:
-    from producer.keys import make_key_source
-    from producer.mint import Minter
-    from producer.spool import SpoolStore
+    from tokenlife.app.site import Site
     from tokenlife.config import Config
     from tokenlife.users import lookup
 
     assert isinstance(config, Config)
     if lookup(user).uid < config.pam.min_uid:
         return
-    minter = Minter(
-        config,
-        make_key_source(config.key, prefer_cache=True),
-        SpoolStore(config.store.spool_dir),
-        login_dir=config.login.token_dir,
-    )
     # pam_exec with seteuid: the effective uid is root even under su or sudo
-    minter.mint(user, os.geteuid(), reuse=True, actor="pam")
+    Site.for_login(config).minter.mint(user, os.geteuid(), reuse=True, actor="pam")

@@ -6,7 +6,7 @@ scheduler): ALRM ticks now, HUP reloads the configuration (a bad file keeps
 the old one), TERM/INT let the running batch finish and exit 0.
 
 With ``serve.metrics`` set, Prometheus metrics are served on that address
-(tokenlife.metrics); a port that cannot be bound is logged and the daemon
+(tokenlife.app.metrics); a port that cannot be bound is logged and the daemon
 runs on without them: renewal matters more than its figures.
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from tokenlife import config as configmod
+from tokenlife.app.metrics import Metrics
 from tokenlife.errors import TokenlifeError
-from tokenlife.metrics import Metrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tokenlife.daemon")  # the name operators grep for
 
 
 class Daemon:
@@ -37,46 +37,21 @@ class Daemon:
         self.again = threading.Event()  # a tick was asked for while one ran
 
     def _build(self) -> None:
-        from producer.keys import make_key_source
-        from producer.mint import Minter
-        from repository.listeners import LoginFiles
-        from repository.renewer import Renewer
-        from repository.store import SqlTokenStore
+        from tokenlife.app.site import Site
 
         config = configmod.load(self.config_path)
-        key_source = make_key_source(config.key)
-        key_source.load()  # fail at start (or reload), not at the first login
-        spool = config.store.spool_dir if config.store.spool_dir.is_dir() else None
-        store = SqlTokenStore(config.store.url, spool)
-        self.config = config
-        self.minter = Minter(config, key_source, store, login_dir=config.login.token_dir)
-        self.renewer = Renewer(
+        site = Site.from_config(config, actor=f"serve@{os.uname().nodename}")
+        site.key_source.load()  # fail at start (or reload), not at the first login
+        cycle = site.cycle() if config.serve.deliver else None
+        old, self.site = getattr(self, "site", None), site
+        self.config, self.minter, self.renewer, self.cycle = (
             config,
-            key_source,
-            store,
-            listeners=[LoginFiles(config.login.token_dir)],
-            actor=f"serve@{os.uname().nodename}",
+            site.minter,
+            site.renewer,
+            cycle,
         )
-        self.cycle = None
-        if config.serve.deliver:
-            from transfer.cycle import DeliveryCycle
-            from transfer.jobs import SlurmJobs, StaticJobs
-            from transfer.transports import make_transport
-
-            d = config.delivery
-            jobs = StaticJobs(d.static) if d.jobs == "static" else SlurmJobs()
-            old = getattr(self, "transport", None)
-            self.transport = make_transport(d)
-            if old is not None:
-                old.close()
-            self.cycle = DeliveryCycle(
-                store,
-                self.transport,
-                jobs,
-                d.remove_after,
-                d.ssh.concurrency,
-                actor=f"serve@{os.uname().nodename}",
-            )
+        if old is not None:
+            old.close()
 
     def tick(self) -> None:
         # An ALRM that arrives while a tick runs must not be lost (APScheduler
@@ -99,8 +74,7 @@ class Daemon:
         """Renewal, then delivery; False if either failed as a whole."""
         stats = self.metrics.stats
         try:
-            if self.renewer.store.store.spool is not None:
-                self.renewer.store.store.ingest_spool()
+            self.site.store.ingest_spool()
             summary = self.renewer.tick()
         except TokenlifeError as exc:
             log.error("tick failed: %s", exc)
@@ -143,7 +117,7 @@ class Daemon:
 
         self._build()
         # The store is looked up per scrape: a reload replaces it.
-        self.metrics = Metrics(lambda: self.renewer.store.store, self.config.serve.interval)
+        self.metrics = Metrics(lambda: self.site.store, self.config.serve.interval)
         self.metrics_address = self.config.serve.metrics
         self.metrics.start(self.metrics_address)
         self.service = MintService(self.config, self.minter)
@@ -186,8 +160,7 @@ class Daemon:
         server.server_close()
         scheduler.shutdown(wait=True)  # the running tick finishes its batch
         self.metrics.close()
-        if getattr(self, "transport", None) is not None:
-            self.transport.close()
+        self.site.close()
         return 0
 
 

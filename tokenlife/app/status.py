@@ -1,0 +1,122 @@
+"""``tokenlife status``: what the store says, and whether the daemon ticks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from tokenlife import config as configmod
+from tokenlife.app.site import Site
+
+if TYPE_CHECKING:
+    from repository.status import Snapshot
+
+
+def status(args: argparse.Namespace) -> int:
+    import time
+
+    from repository.status import snapshot
+
+    config = configmod.load(args.config)
+    snap = snapshot(Site.from_config(config).store, int(time.time()))  # StoreError: exit 6
+    daemon = _daemon_status(config.serve.metrics)
+    if args.json:
+        print(json.dumps({**snap.as_dict(), "daemon": daemon}, indent=2))
+        return 0
+    for label, text in _status_lines(snap, daemon, config.serve.interval):
+        print(f"{label:<12}{text}")
+    return 0
+
+
+def _daemon_status(address: str) -> dict[str, Any] | None:
+    """What the running daemon's metrics endpoint says; None if serve.metrics is off."""
+    if not address:
+        return None
+    from repository.status import one_line
+    from tokenlife.app.metrics import metrics_url, read_last_tick
+
+    url = metrics_url(address)
+    try:
+        last = int(read_last_tick(url))
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc  # urllib wraps the socket's error
+        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
+        return {
+            "url": url,
+            "reachable": False,
+            "last_tick_success": None,
+            "error": one_line(str(text)),
+        }
+    return {"url": url, "reachable": True, "last_tick_success": last or None, "error": ""}
+
+
+def _status_lines(
+    snap: Snapshot, daemon: dict[str, Any] | None, interval: int
+) -> list[tuple[str, str]]:
+    """(label, text) per line of ``tokenlife status``."""
+    from tokenlife.durations import format_duration as span
+
+    def when(epoch: int) -> str:
+        return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    lines = [("tokens", ", ".join(f"{n} {state}" for state, n in snap.tokens.items()))]
+    d = snap.soonest_exp
+    if d is None:
+        lines.append(("soonest", "no active token"))
+    elif d.seconds_left > 0:
+        lines.append(("soonest", f"{d.user}: expires in {span(d.seconds_left)} ({when(d.at)})"))
+    else:
+        lines.append(("soonest", f"{d.user}: expired {span(-d.seconds_left)} ago ({when(d.at)})"))
+    d = snap.soonest_renew_until
+    if d is not None:
+        lines.append(
+            ("renew-until", f"{d.user}: renewable for {span(d.seconds_left)} ({when(d.at)})")
+        )
+
+    events = dict(snap.events)
+    counts = [f"{events.pop('renewed', 0)} renewed", f"{events.pop('failed', 0)} failed"]
+    counts += [f"{n} {kind}" for kind, n in sorted(events.items())]
+    text = ", ".join(counts)
+    if snap.last_renewal is not None:
+        text += f"; last renewal {span(snap.now - snap.last_renewal)} ago"
+    lines.append(("last 24h", text))
+
+    parts = []
+    for state, n in snap.deliveries.items():
+        if n or state in ("delivered", "failed"):
+            parts.append(f"{n} {state}{_delivery_nodes(snap, state)}")
+    lines.append(("deliveries", ", ".join(parts)))
+
+    if daemon is None:
+        text = "not asked: serve.metrics is off"
+    elif not daemon["reachable"]:
+        text = f"not reachable at {daemon['url']} ({daemon['error']})"
+    elif daemon["last_tick_success"] is None:
+        text = f"no successful tick yet ({daemon['url']})"
+    else:
+        age = max(0, snap.now - daemon["last_tick_success"])
+        late = f"; late, it ticks every {span(interval)}" if age > 2 * interval + 60 else ""
+        text = f"last successful tick {span(age)} ago ({daemon['url']}{late})"
+    lines.append(("daemon", text))
+    return lines
+
+
+def _delivery_nodes(snap: Snapshot, state: str) -> str:
+    """`` (node07, node08)`` for pending, `` (node09: error; ...)`` for failed."""
+    if state == "pending":
+        items, limit, sep = [n for n, t in sorted(snap.nodes.items()) if t.pending], 5, ", "
+    elif state == "failed":
+        items = [
+            f"{n}: {t.error.removeprefix(f'{n}: ')}" if t.error else n
+            for n, t in sorted(snap.nodes.items())
+            if t.failed
+        ]
+        limit, sep = 3, "; "
+    else:
+        return ""
+    if not items:
+        return ""
+    shown = items[:limit] + ([f"+{len(items) - limit} more"] if len(items) > limit else [])
+    return f" ({sep.join(shown)})"
