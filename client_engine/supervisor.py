@@ -34,6 +34,10 @@ again while the command is still in our group; everything sent by a process
 the sender is unknown and everything is forwarded (Ctrl-C then arrives twice).
 The supervisor never dies of a forwarded signal: it waits for the command
 and exits with its status, or 128+N when the command was killed by signal N.
+
+Why one module of ~450 lines: the loop, its signal rules and its token rules
+share one state (the current token, the child, the windows) and one timeout;
+split apart, each half would have to expose that state to the other.
 """
 
 from __future__ import annotations

@@ -44,12 +44,20 @@ class DeliveryStore:
             return int(result.rowcount)
 
     def sync_needs(
-        self, needs: dict[str, set[str]], uids: dict[str, int], now: int, grace: int | None
+        self,
+        needs: dict[str, set[str]],
+        uids: dict[str, int],
+        now: int,
+        grace: int | None,
+        unsure: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         """Record that users have work on nodes (``last_seen = now``).
 
         With ``grace`` (a complete view of the cluster's jobs), nodes not seen
-        for longer than that are queued for removal.
+        for longer than that are queued for removal.  ``unsure``: users whose
+        uid could not be looked up this time; the nodes they already have
+        count as seen (nothing is removed on a failed lookup's word), no new
+        ones are added.
         """
         with self.store.transaction() as s:
             rows = {
@@ -57,6 +65,11 @@ class DeliveryStore:
                 for r in s.scalars(select(DeliveryRow).where(DeliveryRow.user.in_(list(needs))))
             }
             for user, nodes in needs.items():
+                if user in unsure:
+                    for node in nodes:
+                        if (row := rows.get((user, node))) is not None:
+                            row.last_seen = to_dt(now)
+                    continue
                 if user not in uids:
                     continue
                 for node in nodes:

@@ -58,11 +58,21 @@ class Summary:
 
 
 def retry_delay(attempts: int, until_exp: int, rand: Callable[[], float] = random.random) -> int:
-    """Backoff with jitter, never waiting past half the time the token has left."""
+    """Backoff with jitter, never waiting past half the time the token has left.
+
+    A token that has already expired (its jobs are failing now) is retried
+    at least every RETRY_BASE seconds.
+    """
     delay = backoff(attempts, RETRY_BASE, RETRY_CAP, rand)
-    if until_exp > 0:
-        delay = min(delay, max(10, until_exp // 2))
+    delay = min(delay, max(10, until_exp // 2)) if until_exp > 0 else min(delay, RETRY_BASE)
     return max(1, delay)
+
+
+def _unexpected(exc: BaseException) -> str:
+    """One line for an error nobody planned for (logged in full at debug level)."""
+    log.debug("unexpected error", exc_info=exc)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"unexpected error: {type(exc).__name__}" + (f": {first}" if first else "")
 
 
 class Renewer:
@@ -140,9 +150,11 @@ class Renewer:
                 if info.uid != record.uid:
                     return Expired(f"user {record.user} now has uid {info.uid}")
                 token = kind.make(key[0], info, now, decision.new_exp)
-            except TokenlifeError as exc:
-                delay = retry_delay(record.attempts, record.exp - now)
-                return Failed(str(exc), now + delay)
+            except Exception as exc:
+                # One token's trouble (a user database error, a bug) is that
+                # token's failure, backed off in the store: never the batch's.
+                why = str(exc) if isinstance(exc, TokenlifeError) else _unexpected(exc)
+                return Failed(why, now + retry_delay(record.attempts, record.exp - now))
             key_id = key[0].key_id
             new = fresh[record.token_id] = _renewed(record, now, decision.new_exp, token, key_id)
             return Renewed(
@@ -156,8 +168,9 @@ class Renewer:
         for sink in self.sinks:
             try:
                 sink.renewed(renewed)
-            except TokenlifeError as exc:
-                log.warning("after renewal: %s", exc)
+            except Exception as exc:  # a sink never undoes or stops a renewal
+                why = str(exc) if isinstance(exc, TokenlifeError) else _unexpected(exc)
+                log.warning("after renewal: %s: %s", type(sink).__name__, why)
         return summary
 
     @staticmethod

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -18,45 +20,23 @@ def to_epoch(value: datetime) -> int:
     return int(value.timestamp())
 
 
+#: TokenRecord's fields that the tables keep as timestamps (epoch seconds in records)
+TIMES = frozenset({"first_issued", "iat", "exp", "renew_until"})
+_FIELDS = tuple(f.name for f in fields(TokenRecord))
+
+
 def to_record(row: TokenRow) -> TokenRecord:
-    return TokenRecord(
-        token_id=row.token_id,
-        user=row.user,
-        uid=row.uid,
-        gid=row.gid,
-        first_issued=to_epoch(row.first_issued),
-        iat=to_epoch(row.iat),
-        exp=to_epoch(row.exp),
-        renew_until=to_epoch(row.renew_until),
-        lifetime=row.lifetime,
-        key_id=row.key_id,
-        version=row.version,
-        state=row.state,
-        attempts=row.attempts,
-        token=row.token,
-    )
+    values: dict[str, Any] = {name: getattr(row, name) for name in _FIELDS}
+    values.update((name, to_epoch(values[name])) for name in TIMES)
+    return TokenRecord(**values)
 
 
 def to_row(record: TokenRecord, next_check: int) -> TokenRow:
     """A new row for ``record``, to be looked at by the renewer at ``next_check``."""
-    return TokenRow(
-        token_id=record.token_id,
-        user=record.user,
-        uid=record.uid,
-        gid=record.gid,
-        first_issued=to_dt(record.first_issued),
-        iat=to_dt(record.iat),
-        exp=to_dt(record.exp),
-        renew_until=to_dt(record.renew_until),
-        lifetime=record.lifetime,
-        key_id=record.key_id,
-        version=record.version,
-        state=record.state,
-        token=record.token,
-        next_check=to_dt(next_check),
-        attempts=0,
-        last_error="",
-    )
+    values: dict[str, Any] = {name: getattr(record, name) for name in _FIELDS}
+    values.update(attempts=0, last_error="", next_check=next_check)
+    times = TIMES | {"next_check"}
+    return TokenRow(**{k: to_dt(v) if k in times else v for k, v in values.items()})
 
 
 def to_delivery(row: DeliveryRow) -> DeliveryRecord:

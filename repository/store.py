@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -261,8 +262,8 @@ class SqlTokenStore:
             ]
 
 
-_SPOOL_INTS = ("uid", "gid", "first_issued", "iat", "exp", "renew_until", "lifetime", "version")
-_SPOOL_STRS = ("token_id", "user", "key_id", "state", "token")
+#: TokenRecord's fields and their types, to check what a spool file holds
+_SPOOL_TYPES = {f.name: {"int": int, "str": str}[str(f.type)] for f in fields(TokenRecord)}
 
 
 def _spooled(data: object) -> TokenRecord:
@@ -270,12 +271,9 @@ def _spooled(data: object) -> TokenRecord:
     if not isinstance(data, dict):
         raise TypeError("not a JSON object")
     record = TokenRecord.from_spool(data)
-    for name in _SPOOL_INTS:
-        if type(getattr(record, name)) is not int:
-            raise TypeError(f"{name} is not an integer")
-    for name in _SPOOL_STRS:
-        if not isinstance(getattr(record, name), str):
-            raise TypeError(f"{name} is not a string")
+    for name, kind in _SPOOL_TYPES.items():
+        if type(getattr(record, name)) is not kind:
+            raise TypeError(f"{name} is not {'an integer' if kind is int else 'a string'}")
     return record
 
 

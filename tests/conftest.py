@@ -20,6 +20,10 @@ import pytest
 
 from tests.integration.harness.postgres import PG_BIN, PostgresServer
 
+# The shipped contract suites (tokenlife/testing) explain a failed assert as
+# a test module's would: pytest rewrites their asserts too.
+pytest.register_assert_rewrite("tokenlife.testing")
+
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

@@ -1,17 +1,12 @@
-"""The clock seam: everything that asks for the time takes a Clock."""
+"""The system clock; everything that asks for the time takes a Clock (tokenlife.interfaces)."""
 
 from __future__ import annotations
 
 import time
-from typing import Protocol
 
+from tokenlife.interfaces import Clock
 
-class Clock(Protocol):
-    def now(self) -> float:
-        """Seconds since the epoch (UTC)."""
-        ...
-
-    def sleep(self, seconds: float) -> None: ...
+__all__ = ["Clock", "SystemClock"]
 
 
 class SystemClock:

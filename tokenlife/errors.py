@@ -44,6 +44,11 @@ class UserError(TokenlifeError):
     exit_code = 4
 
 
+class UserDbError(UserError):
+    """The user database failed (NSS, LDAP, sssd; out of file descriptors): it
+    did not say the user is unknown, so nothing may be removed on its word."""
+
+
 class PermissionDenied(TokenlifeError):
     """The caller may not do this (mint for another user, mint for root)."""
 
@@ -62,31 +67,30 @@ class TransportError(TokenlifeError):
     exit_code = 7
 
 
-class RenewalRefused(TokenlifeError):
-    """A renewal that would reach past renew-until, or of a revoked token."""
-
-    exit_code = 8
-
-
 class TokenInvalid(TokenlifeError):
     """A token that is malformed, badly signed, expired or for someone else."""
 
     exit_code = 9
 
 
-#: Exit status table, documented in docs/commands.md (EXIT STATUS).
-EXIT_CODES: dict[str, int] = {
-    cls.__name__: cls.exit_code
-    for cls in (
-        TokenlifeError,
-        UsageError,
-        ConfigError,
-        KeySourceError,
-        UserError,
-        PermissionDenied,
-        StoreError,
-        TransportError,
-        RenewalRefused,
-        TokenInvalid,
-    )
-}
+#: The exit status table: (status, its errors, meaning).  docs/commands.md's
+#: "Exit status" and ``tokenlife --help`` show exactly this (tests/unit/test_cli_errors.py).
+EXIT_STATUS: tuple[tuple[int, tuple[type[TokenlifeError], ...], str], ...] = (
+    (0, (), "success"),
+    (1, (TokenlifeError,), "an operation failed"),
+    (2, (UsageError, ConfigError), "bad command line or configuration"),
+    (3, (KeySourceError, InsecureKeyFile), "the signing key cannot be loaded or is unsafe"),
+    (4, (UserError, UserDbError), "invalid or unknown user name, or the user database failed"),
+    (5, (PermissionDenied,), "not allowed (minting for others, privileged users)"),
+    (6, (StoreError,), "the token store failed"),
+    (7, (TransportError,), "delivery failed"),
+    (9, (TokenInvalid,), "malformed, badly signed, expired or foreign token"),
+    (130, (), "interrupted"),
+)
+
+
+def exit_status_line() -> str:
+    """The table in one line, for --help: ``0 success, 1 an operation failed, ...``."""
+    short = {2: "usage/config", 3: "key", 4: "user", 5: "permission", 6: "store"}
+    short |= {7: "transport", 9: "token invalid", 1: "failed", 0: "ok", 130: "interrupted"}
+    return ", ".join(f"{status} {short[status]}" for status, _, _ in EXIT_STATUS)

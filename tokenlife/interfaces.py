@@ -37,6 +37,19 @@ from tokenlife.records import (
 from tokenlife.tokenview import TokenView
 from tokenlife.users import UserInfo
 
+# -- clock ----------------------------------------------------------------------------------
+
+
+class Clock(Protocol):
+    """The time (tokenlife.clock.SystemClock; tokenlife.testing.fakes.FakeClock in tests)."""
+
+    def now(self) -> float:
+        """Seconds since the epoch (UTC)."""
+        ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
 # -- key source -----------------------------------------------------------------------------
 
 
@@ -118,8 +131,18 @@ class DeliveryLedger(Protocol):
     def request_removal(self, user: str, now: int) -> int: ...
 
     def sync_needs(
-        self, needs: dict[str, set[str]], uids: dict[str, int], now: int, grace: int | None
-    ) -> None: ...
+        self,
+        needs: dict[str, set[str]],
+        uids: dict[str, int],
+        now: int,
+        grace: int | None,
+        unsure: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        """Users have work on nodes now; ``grace``: queue removals of work gone that long.
+
+        ``unsure`` users (uid lookup failed) keep their nodes: never remove on an error.
+        """
+        ...
 
     def due(
         self, now: int, user: str | None = None, node: str | None = None
@@ -277,6 +300,7 @@ class TokenKind(Protocol):
 
 
 __all__ = [
+    "Clock",
     "DeliveryLedger",
     "FileInfo",
     "JobSource",

@@ -22,7 +22,7 @@ from typing import Any
 
 from tokenlife.backoff import backoff
 from tokenlife.clock import Clock, SystemClock
-from tokenlife.errors import TokenlifeError, UserError
+from tokenlife.errors import TokenlifeError, UserDbError, UserError
 from tokenlife.interfaces import JobSource, Repository, Transport
 from tokenlife.records import DeliveryResult as Result
 from tokenlife.records import DeliveryTask as Task
@@ -105,9 +105,9 @@ class DeliveryCycle:
         if self.jobs is not None:
             try:
                 needs = self.jobs.needs()
-                uids = self._uids(needs)
+                uids, unsure = self._uids(needs)
                 grace = self.remove_after if complete else None
-                self.store.sync_needs(needs, uids, now, grace)
+                self.store.sync_needs(needs, uids, now, grace, unsure)
             except TokenlifeError as exc:
                 # Without a view of the jobs nothing is removed; owed tokens still go.
                 summary.jobs_error = str(exc)
@@ -131,18 +131,32 @@ class DeliveryCycle:
         self.store.record(finished, int(self.clock.now()), self.actor)
         return summary
 
-    def _uids(self, needs: dict[str, set[str]]) -> dict[str, int]:
-        uids = {}
+    def _uids(self, needs: dict[str, set[str]]) -> tuple[dict[str, int], set[str]]:
+        """Each user's uid, and the users the user database could not answer for.
+
+        Only a definite "no such user" leaves a user out for good (its nodes
+        are cleaned once their work is gone); a failed lookup keeps what the
+        user's nodes hold until the next cycle asks again.
+        """
+        uids, unsure = {}, set()
         for name in needs:
             try:
                 uid = self.uids(name)
+            except UserDbError as exc:
+                log.warning("user %s of a running job: %s; trying again next cycle", name, exc)
+                unsure.add(name)
+                continue
             except UserError:
                 uid = None
+            except Exception as exc:  # one user's lookup must not stop the others
+                log.warning("user %s of a running job: lookup failed: %r", name, exc)
+                unsure.add(name)
+                continue
             if uid is None:
                 log.warning("user %s of a running job is unknown here: no token", name)
             else:
                 uids[name] = uid
-        return uids
+        return uids, unsure
 
     def _do(self, task: Task) -> Result:
         d = task.delivery

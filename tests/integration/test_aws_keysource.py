@@ -34,6 +34,7 @@ from producer.aws import AwsKeySource
 from tests.conftest import require, run_cli
 from tokenlife.config import KeyConfig
 from tokenlife.errors import InsecureKeyFile, KeySourceError
+from tokenlife.testing.keysource_contract import KeySourceContract
 
 pytestmark = pytest.mark.aws
 
@@ -563,3 +564,22 @@ def test_cli_group_readable_cache_is_refused(site: Site) -> None:
         "it must not be accessible by group or others (chmod 600)"
     )
     assert token_file.read_bytes() == before
+
+
+# --- the shipped key-source contract ------------------------------------------
+
+
+class TestAwsKeySourceContract(KeySourceContract):
+    """The AWS source passes the contract every key source passes (moto's server mode)."""
+
+    @pytest.fixture
+    def secret(self) -> bytes:
+        return new_key()
+
+    @pytest.fixture
+    def source(self, moto: Moto, tmp_path: Path, secret: bytes) -> AwsKeySource:
+        return AwsKeySource(key_config(moto, moto.new_secret(b64(secret)), tmp_path / "c" / "k"))
+
+    @pytest.fixture
+    def broken_source(self, moto: Moto, tmp_path: Path) -> AwsKeySource:
+        return AwsKeySource(key_config(moto, "tokenlife/test/missing", tmp_path / "c" / "k"))

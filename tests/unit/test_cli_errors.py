@@ -243,3 +243,31 @@ def test_usage_errors(site: Site) -> None:
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("tokenlife-frobnicate: argument COMMAND: invalid choice")
     assert result.stderr.count("\n") == 1
+
+
+def test_exit_status_table_is_the_documented_one() -> None:
+    """docs/commands.md's table, --help and the error classes say the same statuses."""
+    import inspect
+    import re
+
+    from tests.conftest import REPO
+    from tokenlife import errors
+
+    docs = (REPO / "docs" / "commands.md").read_text().split("## Exit status", 1)[1]
+    rows = re.findall(r"^\| (\d+) \|\s*([\w, ]*?)\s*\| (.+) \|$", docs, flags=re.M)
+    documented = [(int(status), names.strip(), meaning) for status, names, meaning in rows]
+    table = [
+        (status, ", ".join(c.__name__ for c in classes), meaning)
+        for status, classes, meaning in errors.EXIT_STATUS
+    ]
+    assert documented == table
+    for status, classes, _ in errors.EXIT_STATUS:
+        assert all(c.exit_code == status for c in classes)
+    every_error = {
+        cls
+        for _, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, errors.TokenlifeError)
+    }
+    assert every_error == {c for _, classes, _ in errors.EXIT_STATUS for c in classes}
+    help_text = run_cli("--help").stdout
+    assert errors.exit_status_line() in " ".join(help_text.split())

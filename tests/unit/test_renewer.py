@@ -129,7 +129,8 @@ def test_retry_delay() -> None:
     assert retry_delay(20, 10**6, lambda: 1.0) == 3600
     assert retry_delay(20, 10**6, lambda: 0.0) == 1800
     assert retry_delay(5, 100, lambda: 1.0) == 50  # half the time left
-    assert retry_delay(5, -5, lambda: 1.0) == 1920  # already expired: plain backoff
+    assert retry_delay(5, -5, lambda: 1.0) == 60  # already expired: its jobs fail now
+    assert retry_delay(0, -5, lambda: 0.5) == 45  # jitter still spreads the retries
 
 
 def test_cli_renew_and_revoke(tmp_path: Path) -> None:

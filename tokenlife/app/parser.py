@@ -13,7 +13,7 @@ from typing import NoReturn
 from tokenlife import __version__
 from tokenlife.app.argv import subcommand
 from tokenlife.durations import parse_duration
-from tokenlife.errors import TokenlifeError, UsageError
+from tokenlife.errors import TokenlifeError, UsageError, exit_status_line
 
 log = logging.getLogger("tokenlife")
 
@@ -35,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="tokenlife",
         description="Kerberos-style lifecycle for Slurm JWTs: mint, store, renew, deliver.",
-        epilog="Exit status: 0 ok, 1 failed, 2 usage/config, 3 key, 4 user, 5 permission, "
-        "6 store, 7 transport, 8 renewal refused, 9 token invalid.  See docs/commands.md.",
+        epilog=f"Exit status: {exit_status_line()}.  See docs/commands.md.",
     )
     p.add_argument(
         "-c",
