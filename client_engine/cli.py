@@ -48,8 +48,9 @@ def identity(environ: dict[str, str] | os._Environ[str]) -> tuple[int, str]:
     uid = os.getuid()
     job_uid = environ.get("SLURM_JOB_UID", "")
     if job_uid:
-        if not job_uid.isdigit():
-            raise Refused(f"SLURM_JOB_UID={job_uid!r} is not a uid")
+        # ASCII digits only: int() also reads Arabic-Indic and other digits
+        if not (job_uid.isascii() and job_uid.isdigit() and len(job_uid) <= 10):
+            raise Refused(f"SLURM_JOB_UID={job_uid[:20]!r} is not a uid")
         if uid not in (0, int(job_uid)):
             raise Refused(f"SLURM_JOB_UID={job_uid} but running as uid {uid}")
         uid = int(job_uid)
@@ -92,20 +93,26 @@ def env_lines(environ: dict[str, str] | os._Environ[str], now: float) -> list[st
     # sstat; both fail when SLURM_JWT is set, since slurmd accepts munge only.
     wanted = mode == "always" or (mode == "steps" and "SLURM_STEP_ID" in environ)
     inherited = environ.get("SLURM_JWT")
+    # The delivered file alone decides what is exported: an inherited token,
+    # garbage or longer-lived, never hides it.
+    keep_inherited = False
     try:
         uid, user = identity(environ)
         path = delivered_path(settings.token_dir, uid)
-        best, reasons = freshest([path], inherited, uid, user, now)
+        delivered, reasons = freshest([path], None, uid, user, now)
+        if delivered is None and wanted and inherited:
+            keep_inherited = freshest([], inherited, uid, user, now)[0] is not None
     except Refused as exc:
-        best, reasons = None, [str(exc)]
-    if best is not None and best.source != "SLURM_JWT":
-        lines.append(f"export SLURM_JWT_FILE={best.source}")
+        delivered, reasons = None, [str(exc)]
+    if delivered is not None:
+        lines.append(f"export SLURM_JWT_FILE={delivered.source}")
         if wanted:
-            lines.append(f"export SLURM_JWT={best.value}")
+            lines.append(f"export SLURM_JWT={delivered.value}")
     else:
-        lines.append(f"print {PROG}: no token for this job: {reasons[0]}")
-    # Keep the submitter's token only where JWT is wanted and it is still good.
-    if inherited is not None and not (wanted and best is not None):
+        lines.append(f"print {PROG}: no token for this job: {reasons[0] if reasons else 'none'}")
+    # Keep the submitter's token only where JWT is wanted, nothing was
+    # delivered, and it is still good; an exported token replaces it.
+    if inherited is not None and not (wanted and (delivered is not None or keep_inherited)):
         lines.append("unset SLURM_JWT")
     return lines
 

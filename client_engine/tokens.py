@@ -61,7 +61,7 @@ def parse(value: str, source: str) -> Token:
     """The claims that matter, from the token text (the kind reads it); Refused if unreadable."""
     try:
         view = KIND.read(value)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # the kind refuses deep nesting: belt and braces
         raise Refused(f"{source}: {exc}") from None
     return Token(value, view.subject, view.exp, view.iat, source)
 
@@ -128,6 +128,9 @@ def freshest(
             token = check(parse(text, source), user, now) if text else load(source, uid, user, now)
         except Refused as exc:
             reasons.append(str(exc))
+            continue
+        except Exception as exc:  # one unreadable candidate must never hide a good one
+            reasons.append(f"{source}: unreadable ({type(exc).__name__})")
             continue
         if best is None or (token.exp, token.iat) > (best.exp, best.iat):
             best = token

@@ -32,8 +32,11 @@ def _already_there(path: Path, data: bytes, record: TokenRecord) -> bool:
 
     A login that reuses its token then costs no write and no fsync.
     """
+    # The user owns the directory: whatever is at ``path`` may be a symlink
+    # or a FIFO put there to hang us (and every login behind us): never follow,
+    # never block; only a regular file is read.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return False
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from producer.loginfile import write_login_token
 from tokenlife.clock import Clock, SystemClock
 from tokenlife.config import Config
-from tokenlife.errors import PermissionDenied, TokenInvalid, TokenlifeError
+from tokenlife.errors import PermissionDenied, TokenInvalid, TokenlifeError, UsageError
 from tokenlife.interfaces import KeySource, SigningKey, TokenKind, TokenStore
 from tokenlife.records import ACTIVE, TokenRecord
 from tokenlife.slurm_jwt import SlurmJwt
@@ -40,8 +40,12 @@ class Minter:
     # -- policy -------------------------------------------------------------
 
     def is_privileged(self, user: UserInfo) -> bool:
-        """root and SlurmUser tokens may act as any user over slurmrestd."""
-        return user.uid == 0 or user.name == self.config.producer.slurm_user
+        """root and SlurmUser tokens may act as any user over slurmrestd.
+
+        Decided by uid: a second passwd name for SlurmUser's uid (useradd -o)
+        gets a token Slurm maps to SlurmUser all the same.
+        """
+        return user.uid == 0 or user.uid == uid_of(self.config.producer.slurm_user)
 
     def may_mint_for_others(self, caller_uid: int) -> bool:
         if caller_uid == 0:
@@ -60,6 +64,35 @@ class Minter:
                 f"refusing to mint for privileged user {user.name!r}: such a token can act as "
                 "any user over slurmrestd (set producer.allow_privileged_users to allow it)"
             )
+        if (
+            caller_uid == user.uid
+            and user.uid < self.config.pam.min_uid
+            and not self.may_mint_for_others(caller_uid)
+        ):
+            raise PermissionDenied(
+                f"{user.name!r} (uid {user.uid}) is a system account: below pam.min_uid "
+                f"({self.config.pam.min_uid}) no token is minted for oneself"
+            )
+
+    def limits(self, lifetime: int | None, renew_until: int | None) -> tuple[int, int]:
+        """The lifetime and renew-until span of a new token: the configured ones,
+        or shorter ones asked for.  Nobody gets more than configured, not even
+        root: a longer token needs a longer ``[token]`` setting."""
+        t = self.config.token
+        for name, asked, most in (
+            ("lifetime", lifetime, t.lifetime),
+            ("renew-until", renew_until, t.renew_until),
+        ):
+            if asked is None:
+                continue
+            if isinstance(asked, bool) or not isinstance(asked, int) or asked <= 0:
+                raise UsageError(f"{name} must be a positive number of seconds")
+            if asked > most:
+                raise PermissionDenied(
+                    f"{name} {asked}s is longer than the configured token.{name.replace('-', '_')} "
+                    f"({most}s); ask for less, or raise it in the configuration"
+                )
+        return lifetime or t.lifetime, renew_until or t.renew_until
 
     # -- minting ------------------------------------------------------------
 
@@ -71,20 +104,26 @@ class Minter:
         renew_until: int | None = None,
         reuse: bool = False,
         actor: str = "cli",
+        write_login: bool = True,
     ) -> tuple[TokenRecord, bool]:
-        """Mint (or, with ``reuse``, keep) a token; returns (record, minted_now)."""
+        """Mint (or, with ``reuse``, keep) a token; returns (record, minted_now).
+
+        ``write_login``: also write the login token file (the mint service
+        does that itself, outside its lock: a user's file never holds up
+        another user's login).
+        """
         user = lookup(user_name)
         self.authorize(caller_uid, user)
+        lifetime, span = self.limits(lifetime, renew_until)
         now = int(self.clock.now())
         key = self.key_source.load()
         if reuse:
             existing = self.reusable(user, key, now)
             if existing is not None:
-                self._write_login(existing)
+                if write_login:
+                    self.write_login(existing)
                 return existing, False
-        t = self.config.token
-        lifetime = lifetime or t.lifetime
-        limit = now + (renew_until or t.renew_until)
+        limit = now + span
         exp = min(now + lifetime, limit)
         token = self.kind.make(key, user, now, exp)
         record = TokenRecord(
@@ -107,7 +146,8 @@ class Minter:
             )
         else:
             log.info("minted token %s for %s, exp %d", record.token_id, user.name, exp)
-        self._write_login(record)
+        if write_login:
+            self.write_login(record)
         return record, True
 
     def reusable(self, user: UserInfo, key: SigningKey, now: int) -> TokenRecord | None:
@@ -128,7 +168,8 @@ class Minter:
             return None
         return record if subject == user.name else None
 
-    def _write_login(self, record: TokenRecord) -> None:
+    def write_login(self, record: TokenRecord) -> None:
+        """Write the login token file, if this minter writes one."""
         if self.login_dir is not None:
             try:
                 write_login_token(self.login_dir, record)

@@ -8,13 +8,18 @@ by token id).  Files are 0600 and owned by whoever owns the spool directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 from pathlib import Path
 
 from tokenlife.fsutil import write_secret
 from tokenlife.records import TokenRecord
 from tokenlife.users import validate_name
+
+#: the suffix of a record taken for ingestion
+CLAIMED = ".claimed"
 
 
 class SpoolStore:
@@ -47,16 +52,46 @@ class SpoolStore:
         ]
         return [r for r in found if r is not None]
 
-    def pending(self) -> list[tuple[Path, dict[str, object]]]:
-        """Raw spooled records with their audit fields, for ingestion."""
+    def claim(self) -> list[tuple[Path, dict[str, object]]]:
+        """Take every record for ingestion, with its audit fields.
+
+        ``<user>.json`` is renamed to a unique ``.claimed`` name before it is
+        read: a login that writes a new record meanwhile makes a new file,
+        never lost, and two ingesters never take the same one.  Records
+        claimed by an ingester that died are taken again.  A record that is
+        not JSON is set aside as ``.bad`` for an administrator.
+        """
         out: list[tuple[Path, dict[str, object]]] = []
         if not self.directory.is_dir():
             return out
         for name in sorted(os.listdir(self.directory)):
+            path = self.directory / name
             if name.endswith(".json"):
-                path = self.directory / name
+                claimed = self.directory / f"{name}.{secrets.token_hex(4)}{CLAIMED}"
                 try:
-                    out.append((path, json.loads(path.read_bytes())))
-                except (OSError, ValueError):
-                    continue
+                    # Not a permission change: the record keeps its 0600 file.
+                    os.rename(path, claimed)  # noqa: TID251
+                except FileNotFoundError:
+                    continue  # another ingester took it
+                path = claimed
+            elif not name.endswith(CLAIMED):
+                continue
+            try:
+                data = json.loads(path.read_bytes())
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError):
+                self.reject(path)
+                continue
+            out.append((path, data if isinstance(data, dict) else {"not": "an object"}))
         return out
+
+    def done(self, path: Path) -> None:
+        """Delete a claimed record once the store has it (or knows better)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def reject(self, path: Path) -> None:
+        """Set a record that cannot be read aside (``.bad``), out of every later claim."""
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path, path.with_name(f"{path.name}.bad"))  # noqa: TID251

@@ -7,7 +7,10 @@ boundary.  Records that the login path left in the spool are ingested first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,12 +71,45 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
-            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_sqlite_file(Path(path))
         engine = create_engine(url, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, hide_parameters=True)
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Create the SQLite file 0600 in a 0700 directory; refuse one others can read.
+
+    The store holds every live token.  SQLite creates its -wal and -shm files
+    with the database file's mode, so creating that one private (whatever the
+    caller's umask) keeps all three private; an existing store that others
+    could read is refused, like ssh refuses such a key.
+    """
+    if not path.is_absolute():
+        raise StoreError(f"store.url: the SQLite path {path} must be absolute")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, flags, 0o600))
+    check_sqlite_private(path)
+
+
+def check_sqlite_private(path: Path) -> None:
+    """StoreError if the store or its -wal/-shm is no private regular file (absent is fine)."""
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"token store {name} is not a regular file")
+        if st.st_mode & 0o077:
+            raise StoreError(
+                f"token store {name} has mode {stat.S_IMODE(st.st_mode):04o}: others could "
+                f"read every live token (chmod 600 {name})"
+            )
 
 
 class SqlTokenStore:
@@ -89,7 +125,7 @@ class SqlTokenStore:
         with self._opening:
             return self._open_once()
 
-    def _open_once(self) -> sessionmaker[Session]:
+    def _open_once(self, ingest: bool = True) -> sessionmaker[Session]:
         if self._sessions is None:
             try:
                 self.engine = make_engine(self.url)
@@ -98,7 +134,7 @@ class SqlTokenStore:
                 # ValueError: a malformed URL (a port that is not a number, ...)
                 raise StoreError(f"cannot open the token store: {_reason(exc)}") from exc
             self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-            if self.spool is not None:
+            if ingest and self.spool is not None:
                 self.ingest_spool()
         return self._sessions
 
@@ -166,12 +202,15 @@ class SqlTokenStore:
             self._save(s, record, event, actor, reason)
 
     def _save(self, s: Session, record: TokenRecord, event: str, actor: str, reason: str) -> None:
-        # A new token supersedes the user's previous ones (one current token each).
+        # A new token supersedes the user's previous ones (one current token
+        # each), and says so in the audit trail.
         for old in s.scalars(
             select(TokenRow).where(TokenRow.user == record.user, TokenRow.state == ACTIVE)
         ):
             if old.token_id != record.token_id:
                 old.state = "expired"
+                why = f"by {record.token_id}"
+                audit(s, record.iat, "superseded", old.user, old.token_id, old.version, actor, why)
         # The next tick looks at a new token once and files it for its
         # renewal window (the store knows no policy).
         s.add(to_row(record, next_check=record.iat))
@@ -179,39 +218,72 @@ class SqlTokenStore:
         audit(s, record.iat, event, record.user, record.token_id, record.version, actor, reason)
 
     def ingest_spool(self) -> int:
-        """Import login-path records not yet stored (idempotent by token id)."""
+        """Import what the login path minted while no service ran; returns how many.
+
+        Each record is claimed (renamed) before it is read, stored in one
+        transaction, then deleted: a login writing a new record meanwhile is
+        never lost, and a purged token never comes back.  A record already
+        known (by its token id, in the tokens or the audit trail) or older
+        than the user's stored token is dropped, never stored over a newer
+        one; a record that cannot be read is left for an administrator.
+        """
         if self.spool is None:
             return 0
+        with self._opening:
+            self._open_once(ingest=False)  # opening would ingest: this call does it
         count = 0
-        for path, data in self.spool.pending():
+        for path, data in self.spool.claim():
             try:
                 record = _spooled(data)
             except (KeyError, TypeError, ValueError) as exc:
-                log.warning("ignoring malformed spool record %s: %s", path.name, exc)
+                log.warning("setting aside malformed spool record %s: %s", path.name, exc)
+                self.spool.reject(path)
                 continue
             try:
                 with self.transaction() as s:
-                    known = s.scalar(
-                        select(TokenRow.id).where(TokenRow.token_id == record.token_id)
-                    )
-                    if known is None:
-                        self._save(
-                            s,
-                            record,
-                            str(data.get("event", "minted")),
-                            str(data.get("actor", "pam")),
-                            str(data.get("reason", "")),
-                        )
+                    if self._ingest(s, record, data):
                         count += 1
             except StoreError as exc:
                 # A record the schema refuses (a CHECK constraint), or one a
                 # concurrent ingester stored first (unique token_id): skip it,
                 # never let it block the records after it.  Anything else
-                # (database down) is the caller's problem.
+                # (database down) is the caller's problem; the claimed record
+                # stays and is ingested next time.
                 if not isinstance(exc.__cause__, IntegrityError):
                     raise
-                log.warning("ignoring spool record %s: %s", path.name, exc)
+                log.warning("setting aside spool record %s: %s", path.name, exc)
+                self.spool.reject(path)
+                continue
+            self.spool.done(path)
         return count
+
+    def _ingest(self, s: Session, record: TokenRecord, data: dict[str, object]) -> bool:
+        """Store one spooled record unless it is known or older; True if stored."""
+        token_id = record.token_id
+        if s.scalar(select(TokenRow.id).where(TokenRow.token_id == token_id)) is not None:
+            return False
+        if s.scalar(select(EventRow.id).where(EventRow.token_id == token_id).limit(1)):
+            return False  # stored once, since purged: the trail remembers it
+        newer = s.scalars(
+            select(TokenRow).where(
+                TokenRow.user == record.user,
+                TokenRow.state == ACTIVE,
+                TokenRow.iat >= to_dt(record.iat),
+            )
+        ).first()
+        if newer is not None:
+            why = f"older than the stored token {newer.token_id} v{newer.version}"
+            audit(s, record.iat, "ignored", record.user, token_id, record.version, "spool", why)
+            log.warning("spool record of %s: %s; not stored", record.user, why)
+            return False
+        self._save(
+            s,
+            record,
+            str(data.get("event", "minted")),
+            str(data.get("actor", "pam")),
+            str(data.get("reason", "")),
+        )
+        return True
 
     def purge(
         self, before: int, events_before: int | None, actor: str, now: int, dry_run: bool = False

@@ -12,6 +12,7 @@ the standard library is imported: the PAM login path loads this module.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,7 +189,9 @@ class _Table:
 
     def done(self) -> None:
         for key in self.data:
-            raise ConfigError(f"{self.source}: {self.where(key)}: unknown key")
+            # quoted unless plain: a key with a newline must not break the line
+            shown = key if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", key) else repr(key)[:80]
+            raise ConfigError(f"{self.source}: {self.where(shown)}: unknown key")
 
 
 def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = None) -> Config:
@@ -352,18 +355,21 @@ def load(path: Path | None = None) -> Config:
     if path is None:
         path = Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
     try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+        # A regular file of at most 1 MiB, checked before reading: a FIFO or
+        # /dev/zero given as the config is refused, not waited on or read forever.
+        raw = engine_settings.read_config(str(path))
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"{path}: no such file") from None
         return Config()
-    except PermissionError:
-        raise ConfigError(f"{path}: permission denied") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        data = tomllib.loads(raw.decode())
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested array or table
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
     return parse(data, str(path), path)

@@ -113,6 +113,10 @@ def http_url(value: Any) -> str:
 
 def store_url(value: Any) -> str:
     text = nonempty(value)
+    if re.match(r"sqlite(\+\w+)?:///", text):
+        path = text.split(":///", 1)[1]
+        if path != ":memory:" and not path.startswith("/"):
+            raise ValueError("the SQLite path must be absolute: sqlite:////var/lib/tokenlife/...")
     if not re.match(r"(sqlite|postgresql)(\+\w+)?://", text) and not registry.known(
         registry.STORES, store_scheme(text)
     ):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_PATTERN = re.compile(r"(\d{1,9})([smhdw]?)")
+#: ASCII digits only: ``\d`` would read Arabic-Indic "12h" (U+0661 U+0662 h) as 12 h
+_PATTERN = re.compile(r"([0-9]{1,9})([smhdw]?)")
 #: Nothing we keep lives longer than a year; a bigger number is a typo.
 MAX_SECONDS = 366 * 86400
 

@@ -10,6 +10,7 @@ milliseconds more).  ``tokenlife.config`` validates the same table through
 from __future__ import annotations
 
 import os
+import stat
 
 from tokenlife.durations import parse_duration
 
@@ -19,6 +20,8 @@ ENV_VAR = "TOKENLIFE_CONFIG"
 EXPORT_MODES = ("steps", "always", "never")
 #: a job may choose its own mode with this variable in its environment
 JOB_OVERRIDE = "TOKENLIFE_EXPORT_JWT"
+#: a configuration file is a few KiB: a bigger one is refused, not read
+MAX_CONFIG_SIZE = 1 << 20
 
 
 class EngineSettings:
@@ -85,7 +88,9 @@ def parse(table: object) -> EngineSettings:
     for key, value in table.items():
         convert = _CONVERT.get(key)
         if convert is None:
-            raise ValueError(f"engine.{key}: unknown key")
+            # quoted unless plain: a key with a newline must not break the line
+            shown = key if isinstance(key, str) and key.isidentifier() else repr(key)
+            raise ValueError(f"engine.{shown}: unknown key")
         try:
             values[key] = convert(value)
         except ValueError as exc:
@@ -94,6 +99,46 @@ def parse(table: object) -> EngineSettings:
     if settings.mandatory_window > settings.advisory_window:
         raise ValueError("engine.mandatory_window: must not be longer than advisory_window")
     return settings
+
+
+def read_config(path: str) -> bytes:
+    """The contents of the configuration file at ``path``, for this module and
+    tokenlife.config alike.
+
+    It must be a regular file of at most MAX_CONFIG_SIZE bytes, which is
+    checked on the opened descriptor before anything is read: a FIFO would
+    wait for a writer forever (so it is opened without blocking) and
+    /dev/zero never ends.  FileNotFoundError if there is no file; ValueError
+    ("PATH: reason", one line) for anything else.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except PermissionError:
+        raise ValueError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"{path}: is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        if st.st_size > MAX_CONFIG_SIZE:
+            raise ValueError(f"{path}: larger than {MAX_CONFIG_SIZE >> 20} MiB")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_SIZE and (chunk := os.read(fd, MAX_CONFIG_SIZE + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_SIZE:
+        raise ValueError(f"{path}: larger than {MAX_CONFIG_SIZE >> 20} MiB")
+    return b"".join(chunks)
 
 
 def load(path: str | None = None) -> EngineSettings:
@@ -105,14 +150,11 @@ def load(path: str | None = None) -> EngineSettings:
     explicit = path is not None or bool(os.environ.get(ENV_VAR))
     path = path or os.environ.get(ENV_VAR) or DEFAULT_CONFIG
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
+        raw = read_config(path)
     except FileNotFoundError:
         if explicit:
             raise ValueError(f"{path}: no such file") from None
         return EngineSettings()
-    except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror or exc}") from None
     # Most of the file is for the token host: parse it only if it says [engine].
     if b"engine" not in raw:
         return EngineSettings()
@@ -122,6 +164,8 @@ def load(path: str | None = None) -> EngineSettings:
         data = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested array or table
+        raise ValueError(f"{path}: invalid TOML: nested too deeply") from None
     try:
         return parse(data.get("engine", {}))
     except ValueError as exc:

@@ -11,6 +11,7 @@ reader sees the old file or the new one, never a partial or open one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -77,14 +78,22 @@ def ensure_dir(path: Path, mode: int = 0o755) -> None:
     path.mkdir(mode=mode, parents=True, exist_ok=True)
 
 
-def read_private_file(path: Path, allowed_owners: set[int], what: str = "key file") -> bytes:
+#: a key (or key cache, or SSH identity) is a few KiB; a bigger file is refused unread
+MAX_PRIVATE_FILE = 1 << 20
+
+
+def read_private_file(
+    path: Path, allowed_owners: set[int], what: str = "key file", limit: int = MAX_PRIVATE_FILE
+) -> bytes:
     """Read a secret file, refusing it as ssh does when others could touch it.
 
     The checks run on the opened descriptor (no symlinks followed), so the
-    file checked is the file read.
+    file checked is the file read.  It is opened without blocking (a FIFO
+    would wait for a writer forever) and must be a regular file of at most
+    ``limit`` bytes (/dev/zero would never end), both checked before reading.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise KeySourceError(f"{what} {path} does not exist") from exc
     except PermissionError as exc:
@@ -105,19 +114,57 @@ def read_private_file(path: Path, allowed_owners: set[int], what: str = "key fil
                 f"{what} {path} is owned by uid {st.st_uid}, "
                 f"expected one of {sorted(allowed_owners)}"
             )
-        chunks = []
-        while chunk := os.read(fd, 65536):
+        if st.st_size > limit:
+            raise KeySourceError(f"{what} {path} is larger than {_size(limit)}")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit and (chunk := os.read(fd, min(65536, limit + 1 - size))):
             chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise KeySourceError(f"{what} {path} is larger than {_size(limit)}")
         return b"".join(chunks)
+    except OSError as exc:
+        raise KeySourceError(f"{what} {path}: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
 
 
+def _size(limit: int) -> str:
+    return f"{limit >> 20} MiB" if limit % (1 << 20) == 0 else f"{limit} bytes"
+
+
 def remove_file(path: Path) -> bool:
-    """Unlink ``path`` if present; True when something was removed."""
+    """Unlink ``path`` if present; True when something was removed, False if
+    neither it nor its directory is there.
+
+    Nothing is followed: the directory is opened with O_NOFOLLOW (a symlink
+    there raises OSError, ENOTDIR or ELOOP) and the name unlinked inside it, so a symlink
+    at ``path`` is removed itself, never its target.  A directory at ``path``
+    is never removed: IsADirectoryError.  Other failures raise OSError.
+    """
     try:
-        os.unlink(path)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
-    _fsync_dir(path.parent)
+    try:
+        try:
+            os.unlink(path.name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EISDIR, errno.EPERM) and _is_dir(path.name, dir_fd):
+                # unlink(2) of a directory: EISDIR on Linux, EPERM by POSIX
+                raise IsADirectoryError(errno.EISDIR, "is a directory", str(path)) from None
+            raise
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return True
+
+
+def _is_dir(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False

@@ -253,7 +253,11 @@ Needs = dict[str, set[str]]  # user -> nodes
 
 
 class JobSource(Protocol):
-    """Who has work where right now.  Built from ``[delivery]``."""
+    """Who has work where right now.  Built from ``[delivery]``.
+
+    A source may set ``partial = True`` after an answer that had to leave a
+    job out: the delivery cycle then removes nothing on that answer.
+    """
 
     def needs(self) -> Needs:
         """Users and the nodes where they have work; TokenlifeError if unknown."""

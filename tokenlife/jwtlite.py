@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 from tokenlife.errors import TokenInvalid
+from tokenlife.slurm_jwt import MAX_TOKEN, json_object
 
 _HS256_HEADER = b'{"alg":"HS256","typ":"JWT"}'
 
@@ -26,7 +27,10 @@ def b64url(data: bytes) -> str:
 
 
 def b64url_decode(text: str) -> bytes:
-    raw = text.encode("ascii").translate(_FROM_URL)
+    try:
+        raw = text.encode("ascii").translate(_FROM_URL)
+    except UnicodeEncodeError:
+        raise TokenInvalid("token is not base64url") from None
     try:
         return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4), strict_mode=True)
     except binascii.Error as exc:
@@ -50,16 +54,20 @@ def encode_hs256(claims: dict[str, Any], key: bytes) -> str:
 def split(token: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     """Header, payload and signature text of a compact JWT (no verification)."""
     token = token.strip()
+    if len(token) > MAX_TOKEN:
+        raise TokenInvalid(f"token is not a JWT (longer than {MAX_TOKEN} characters)")
+    if not token.isascii():
+        raise TokenInvalid("token is not a JWT (characters other than ASCII)")
     parts = token.split(".")
     if len(parts) != 3 or not all(parts):
         raise TokenInvalid("token is not a JWT (expected three dot-separated parts)")
     try:
-        header = json.loads(b64url_decode(parts[0]))
-        payload = json.loads(b64url_decode(parts[1]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise TokenInvalid("token header or payload is not JSON") from exc
-    if not isinstance(header, dict) or not isinstance(payload, dict):
-        raise TokenInvalid("token header or payload is not a JSON object")
+        header = json_object(b64url_decode(parts[0]))
+        payload = json_object(b64url_decode(parts[1]))
+    except TokenInvalid:
+        raise
+    except ValueError as exc:  # also not UTF-8, nested too deep, not an object
+        raise TokenInvalid(f"token header or payload is not a JSON object ({exc})") from None
     return header, payload, parts[2]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from tokenlife.layout import FILE_NAME
@@ -21,6 +22,15 @@ if TYPE_CHECKING:
     from tokenlife.users import UserInfo
 
 _TOKEN_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+#: a token is a few hundred bytes (a few KiB for a user in hundreds of groups);
+#: anything longer is not one, and is not parsed
+MAX_TOKEN = 65536
+#: claims nest three deep; json.loads recurses once per level, so a payload of
+#: "[[[[..." must be refused before it is parsed, not by RecursionError
+MAX_DEPTH = 32
+#: JSON strings (skipped: brackets inside them do not nest) and brackets;
+#: compiled only when needed (the TaskProlog path never needs it)
+_JSON_NESTING = rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]'
 
 
 def build_claims(user: UserInfo, iat: int, exp: int) -> dict[str, Any]:
@@ -39,20 +49,48 @@ def build_claims(user: UserInfo, iat: int, exp: int) -> dict[str, Any]:
     }
 
 
+def json_object(raw: bytes) -> dict[str, Any]:
+    """``raw`` (a JWT's decoded header or payload) as a JSON object.
+
+    ValueError with a short reason if it is not JSON, not an object, or
+    nested deeper than MAX_DEPTH (checked before parsing, without recursion).
+    """
+    # Brackets bound the depth: only a payload with many of them is scanned.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        depth = 0
+        for match in re.finditer(_JSON_NESTING, raw, re.DOTALL):
+            token = match.group()
+            if token in (b"[", b"{"):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+            elif token in (b"]", b"}"):
+                depth -= 1
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: cannot happen after the scan
+        raise ValueError("unreadable payload") from None
+    if not isinstance(value, dict):
+        raise ValueError("payload is not an object")
+    return value
+
+
 def read_claims(text: str) -> dict[str, Any]:
     """The payload of a compact JWT, unverified; ValueError (one line) if it is not one."""
+    if len(text) > MAX_TOKEN:
+        raise ValueError(f"not a JSON Web Token (longer than {MAX_TOKEN} characters)")
     raw = text.encode("ascii", "replace")
     parts = raw.split(b".")
     if len(parts) != 3 or not all(parts) or not set(raw) <= _TOKEN_CHARS:
         raise ValueError("not a JSON Web Token")
     payload = parts[1] + b"=" * (-len(parts[1]) % 4)
     try:
-        claims = json.loads(binascii.a2b_base64(payload.replace(b"-", b"+").replace(b"_", b"/")))
-    except (binascii.Error, ValueError):
+        decoded = binascii.a2b_base64(payload.replace(b"-", b"+").replace(b"_", b"/"))
+        return json_object(decoded)
+    except binascii.Error:
         raise ValueError("not a JSON Web Token (unreadable payload)") from None
-    if not isinstance(claims, dict):
-        raise ValueError("not a JSON Web Token (payload is not an object)")
-    return claims
+    except ValueError as exc:
+        raise ValueError(f"not a JSON Web Token ({exc})") from None
 
 
 class SlurmJwt:

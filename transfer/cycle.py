@@ -106,7 +106,10 @@ class DeliveryCycle:
             try:
                 needs = self.jobs.needs()
                 uids, unsure = self._uids(needs)
-                grace = self.remove_after if complete else None
+                # A job source that had to skip a job (``partial``) sees not
+                # every job: nothing is removed on its word.
+                partial = bool(getattr(self.jobs, "partial", False))
+                grace = self.remove_after if complete and not partial else None
                 self.store.sync_needs(needs, uids, now, grace, unsure)
             except TokenlifeError as exc:
                 # Without a view of the jobs nothing is removed; owed tokens still go.

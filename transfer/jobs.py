@@ -64,6 +64,8 @@ class SlurmJobs:
     def __init__(self, squeue: str = "squeue", timeout: float = 30) -> None:
         self.squeue = squeue
         self.timeout = timeout
+        #: the last answer skipped a job it could not read
+        self.partial = False
 
     @classmethod
     def from_config(cls, config: DeliveryConfig) -> SlurmJobs:
@@ -83,24 +85,39 @@ class SlurmJobs:
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
             raise TokenlifeError(f"squeue failed (exit {proc.returncode}): {last}")
+        skipped: list[str] = []
         try:
-            return parse_squeue(json.loads(proc.stdout))
+            needs = parse_squeue(json.loads(proc.stdout), skipped)
+            # A job that could not be read may run anywhere: nothing is removed
+            # on a view that misses it (see DeliveryCycle).
+            self.partial = bool(skipped)
+            return needs
         except (ValueError, TypeError, KeyError) as exc:
             raise TokenlifeError(f"squeue --json output not understood: {exc}") from exc
 
 
-def parse_squeue(data: Mapping[str, Any]) -> Needs:
+def parse_squeue(data: Mapping[str, Any], skipped: list[str] | None = None) -> Needs:
     """Needs from squeue's JSON (Slurm 22.05: state is a string; 23.02+: a list)."""
     needs: Needs = {}
     for job in data["jobs"]:
-        state = job.get("job_state")
-        states = set(state) if isinstance(state, list) else {state}
-        if not states & ACTIVE_STATES:
+        try:
+            state = job.get("job_state")
+            states = set(state) if isinstance(state, list) else {state}
+            if not states & ACTIVE_STATES:
+                continue
+            nodes = job.get("nodes") or ""
+            if not nodes:
+                continue
+            user, hosts = str(job["user_name"]), expand(str(nodes))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # One odd job (a hostlist too big, a missing field) costs that job,
+            # not every delivery of the cycle.
+            job_id = str(job.get("job_id") if isinstance(job, dict) else None)[:20]
+            log.warning("squeue: skipping job %s: %s", job_id, str(exc)[:200])
+            if skipped is not None:
+                skipped.append(job_id)
             continue
-        nodes = job.get("nodes") or ""
-        if not nodes:
-            continue
-        _add(needs, str(job["user_name"]), expand(str(nodes)), "squeue")
+        _add(needs, user, hosts, "squeue")
     return needs
 
 

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 LOCK_STALE = 60.0
 #: how long to wait for another pusher's lock
 LOCK_WAIT = 10.0
+#: fresh temporary names tried when one exists (it never should: they are random)
+TEMP_ATTEMPTS = 3
 
 INSTALLED, UNCHANGED, NEWER_THERE = "installed", "unchanged", "newer-there"
 
@@ -59,9 +61,7 @@ def install(fs: NodeFS, base: str, tf: TokenFile) -> str:
     current = fs.lstat(target)
     if _same(current, tf) or (current is not None and current.mtime > tf.order):
         return UNCHANGED if _same(current, tf) else NEWER_THERE
-    temp = _join(user_dir(base, tf.uid), f".{FILE_NAME}.{secrets.token_hex(6)}.tmp")
-    if not fs.create(temp, tf.data(), 0o600, (tf.uid, tf.gid), tf.order):
-        raise TransportError(f"temporary file {temp} exists")
+    temp = _create_temp(fs, base, tf)
     renamed = False
     try:
         with _Lock(fs, base, tf.uid):
@@ -74,6 +74,16 @@ def install(fs: NodeFS, base: str, tf: TokenFile) -> str:
     finally:
         if not renamed:
             fs.remove(temp)
+
+
+def _create_temp(fs: NodeFS, base: str, tf: TokenFile) -> str:
+    """A new temporary file holding ``tf``; a name that exists is never reused."""
+    for _ in range(TEMP_ATTEMPTS):
+        temp = _join(user_dir(base, tf.uid), f".{FILE_NAME}.{secrets.token_hex(6)}.tmp")
+        if fs.create(temp, tf.data(), 0o600, (tf.uid, tf.gid), tf.order):
+            return temp
+        log.warning("temporary file %s exists; trying another name", temp)
+    raise TransportError(f"temporary files in {user_dir(base, tf.uid)} keep existing")
 
 
 def remove(fs: NodeFS, base: str, uid: int) -> bool:

@@ -17,6 +17,8 @@ from tokenlife.interfaces import FileInfo, Owner
 
 #: paramiko's mode for SSH_FXF_CREAT | SSH_FXF_EXCL | SSH_FXF_WRITE
 _CREATE_EXCL = "wx"
+#: exclusive opens tried when the path vanished between the failure and lstat
+_EXCL_ATTEMPTS = 3
 
 
 class SftpFS:
@@ -49,12 +51,9 @@ class SftpFS:
         self.sftp.chmod(path, mode)
 
     def create(self, path: str, data: bytes, mode: int, owner: Owner, mtime: int | None) -> bool:
-        try:
-            handle = self.sftp.open(path, _CREATE_EXCL)
-        except OSError as exc:
-            if self.lstat(path) is not None:
-                return False  # exists (SFTP reports EEXIST only as "failure")
-            raise exc
+        handle = self._open_exclusive(path)
+        if handle is None:
+            return False
         ok = False
         try:
             handle.chmod(mode)
@@ -72,6 +71,27 @@ class SftpFS:
             if not ok:
                 self.remove(path)
         return True
+
+    def _open_exclusive(self, path: str) -> Any:
+        """The new file's handle, or None if ``path`` exists.
+
+        SFTP has no EEXIST: OpenSSH answers an exclusive open of an existing
+        file with the generic SSH_FX_FAILURE (paramiko: OSError, errno None),
+        so a failure is "exists" only if lstat then finds the path.  When
+        another pusher removed it in between (released its lock), the open
+        lost a race, not the node: it is tried again.  A failure with nothing
+        there every time (read-only file system, quota) is raised.
+        """
+        attempt = 1
+        while True:
+            try:
+                return self.sftp.open(path, _CREATE_EXCL)
+            except OSError as exc:
+                if self.lstat(path) is not None:
+                    return None
+                if exc.errno is not None or attempt >= _EXCL_ATTEMPTS:
+                    raise  # a specific answer (no such directory, denied), or for good
+            attempt += 1
 
     def rename(self, src: str, dst: str) -> None:
         self.sftp.posix_rename(src, dst)

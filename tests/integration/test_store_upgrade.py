@@ -79,7 +79,8 @@ def check_upgraded(store: SqlTokenStore) -> None:
         "test",
     )
     trail = store.events("alice")
-    assert len(trail) == 3 and trail[-1]["token_id"] == "def"
+    assert len(trail) == 4 and trail[-1]["token_id"] == "def"
+    assert (trail[-2]["event"], trail[-2]["token_id"]) == ("superseded", "abc")
 
     # Purging the old token keeps its history.
     purged, _ = store.purge(1_800_000_000, None, "test", 1_800_000_000)
@@ -87,5 +88,6 @@ def check_upgraded(store: SqlTokenStore) -> None:
     assert [e["event"] for e in store.events("alice") if e["token_id"] == "abc"] == [
         "minted",
         "renewed",
+        "superseded",
         "purged",
     ]

@@ -41,3 +41,9 @@ def test_format() -> None:
     assert format_duration(90061) == "1d1h"
     assert format_duration(45) == "45s"
     assert format_duration(0) == "0s"
+
+
+@pytest.mark.parametrize("text", ["١٢h", "１２h", "۳m", "1٠", "𝟏𝟐h", "12h\u200b"])
+def test_only_ascii_digits(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)

@@ -1,3 +1,4 @@
+import errno
 import os
 import stat
 from pathlib import Path
@@ -77,3 +78,63 @@ def test_read_private_refuses_symlink_and_missing(tmp_path: Path) -> None:
     with pytest.raises(KeySourceError, match="does not exist"):
         read_private_file(tmp_path / "nope", {os.geteuid()})
     assert read_private_file(key, {os.geteuid()}) == b"x" * 32
+
+
+def test_read_private_refuses_a_fifo_without_waiting(tmp_path: Path) -> None:
+    import signal
+
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError("read_private_file blocked on a FIFO")
+
+    fifo = tmp_path / "k"
+    os.mkfifo(fifo, 0o600)
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)  # a blocking open would hang the test: fail it instead
+    try:
+        with pytest.raises(KeySourceError, match=f"key file {fifo} is not a regular file"):
+            read_private_file(fifo, {os.geteuid()})
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_read_private_refuses_dev_zero_and_big_files(tmp_path: Path) -> None:
+    with pytest.raises(KeySourceError, match="key file /dev/zero is not a regular file"):
+        read_private_file(Path("/dev/zero"), {0, os.geteuid()})
+    key = tmp_path / "k"
+    key.write_bytes(b"x" * 4097)
+    key.chmod(0o600)
+    with pytest.raises(KeySourceError, match=f"key file {key} is larger than 4096 bytes"):
+        read_private_file(key, {os.geteuid()}, limit=4096)
+    assert read_private_file(key, {os.geteuid()}, limit=4097) == b"x" * 4097
+
+
+def test_remove_file_never_removes_a_directory(tmp_path: Path) -> None:
+    from tokenlife.fsutil import remove_file
+
+    path = tmp_path / "slurm_jwt"
+    path.mkdir()
+    (path / "mine").write_text("keep")
+    with pytest.raises(IsADirectoryError):
+        remove_file(path)
+    assert (path / "mine").read_text() == "keep"
+
+
+def test_remove_file_follows_no_symlink(tmp_path: Path) -> None:
+    from tokenlife.fsutil import remove_file
+
+    target = tmp_path / "target"
+    target.write_text("keep")
+    (tmp_path / "link").symlink_to(target)
+    assert remove_file(tmp_path / "link") is True
+    assert target.read_text() == "keep" and not (tmp_path / "link").is_symlink()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "f").write_text("keep")
+    (tmp_path / "dirlink").symlink_to(tmp_path / "real")
+    with pytest.raises(OSError) as raised:
+        remove_file(tmp_path / "dirlink" / "f")
+    assert raised.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    assert (tmp_path / "real" / "f").read_text() == "keep"
+    assert remove_file(tmp_path / "gone" / "f") is False
+    assert remove_file(tmp_path / "real" / "nope") is False
+    assert remove_file(tmp_path / "real" / "f") is True

@@ -7,6 +7,7 @@ the same tick; a failed uid lookup never removes a running job's token.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import secrets
@@ -186,3 +187,51 @@ for call in (lambda: uid_of("daemon"), lambda: lookup("daemon")):
     )
     assert resource.getrlimit(resource.RLIMIT_NOFILE)  # this process is untouched
     assert os.path.exists("/etc/passwd")
+
+
+def test_one_unreadable_job_costs_that_job_only_and_removes_nothing(tmp_path: Path) -> None:
+    """squeue lists a job whose nodelist cannot be read: the others are served,
+    and since the view misses a job, no token is taken off any node."""
+    require_root()
+    from transfer.jobs import SlurmJobs
+
+    user = "nobody"
+    real_uid = uid_of(user)
+    assert real_uid is not None
+    squeue = tmp_path / "squeue"
+    jobs_json = tmp_path / "jobs.json"
+    squeue.write_text(f"#!/bin/sh\ncat {jobs_json}\n")
+    squeue.chmod(0o755)
+
+    def answer(*nodelists: str) -> None:
+        jobs = [
+            {"job_id": i, "job_state": ["RUNNING"], "nodes": nodes, "user_name": user}
+            for i, nodes in enumerate(nodelists)
+        ]
+        jobs_json.write_text(json.dumps({"jobs": jobs}))
+
+    clock = FakeClock()
+    store = SqlTokenStore(f"sqlite:///{tmp_path}/db.sqlite")
+    now = int(clock.now())
+    store.save(
+        TokenRecord("t1", user, real_uid, real_uid, now, now, now + 4000, now + 20000, 4000),
+        "minted",
+        "test",
+    )
+    nodes = tmp_path / "nodes"
+    source = SlurmJobs(squeue=str(squeue))
+    cycle = DeliveryCycle(
+        store, LocalTransport(Path("/run/tokenlife"), nodes), source, remove_after=600, clock=clock
+    )
+    answer("n01", "n02")
+    assert cycle.run().delivered == 2
+    answer("n01", "n[1-99999][1-99999]")  # job 1 moved to a list nobody can expand
+    for _ in range(2):
+        clock.advance(601)
+        summary = cycle.run()
+        assert (summary.removed, summary.jobs_error) == (0, "")
+    assert source.partial
+    assert (nodes / "n02" / "run" / "tokenlife" / str(real_uid) / "slurm_jwt").exists()
+    answer("n01")  # readable again, and job 1 gone: n02 is cleaned
+    clock.advance(601)
+    assert cycle.run().removed == 1 and not source.partial

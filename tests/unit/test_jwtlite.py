@@ -48,3 +48,49 @@ def test_alg_none_refused() -> None:
     token = jwt.encode({"sun": "alice"}, None, algorithm="none") + "c2ln"
     with pytest.raises(TokenInvalid, match="not HS256"):
         jwtlite.verify_hs256(token, KEY)
+
+
+@pytest.mark.parametrize("signature", ["é", "sïg", "\u2603" * 43, "ab\udcffcd"])
+def test_non_ascii_signature_is_invalid(signature: str) -> None:
+    """Not UnicodeEncodeError: a signature with other characters is just a bad token."""
+    head, body, _ = jwtlite.encode_hs256(CLAIMS, KEY).split(".")
+    with pytest.raises(TokenInvalid):
+        jwtlite.verify_hs256(f"{head}.{body}.{signature}", KEY)
+
+
+@pytest.mark.parametrize("part", [0, 1])
+def test_non_ascii_header_or_payload_is_invalid(part: int) -> None:
+    parts = jwtlite.encode_hs256(CLAIMS, KEY).split(".")
+    parts[part] = "é" + parts[part]
+    with pytest.raises(TokenInvalid):
+        jwtlite.verify_hs256(".".join(parts), KEY)
+
+
+def _b64(data: bytes) -> str:
+    return jwtlite.b64url(data)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 5000 + b"]" * 5000,
+        b'{"a":' * 2000 + b"1" + b"}" * 2000,
+        b'{"x":' + b"[" * 40 + b"]" * 40 + b"}",
+    ],
+)
+def test_deeply_nested_payload_is_invalid_not_a_recursion_error(payload: bytes) -> None:
+    token = f"{_b64(b'{}')}.{_b64(payload)}.{_b64(b'sig')}"
+    with pytest.raises(TokenInvalid, match="nested deeper"):
+        jwtlite.split(token)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    claims = {"sun": "alice", "gecos": "[[[[{{{{" * 20 + '\\"]]]]"', "exp": 1}
+    token = jwtlite.encode_hs256(claims, KEY)
+    assert jwtlite.verify_hs256(token, KEY) == claims
+
+
+def test_oversized_token_is_invalid() -> None:
+    token = jwtlite.encode_hs256({"sun": "alice", "pad": "p" * 70000}, KEY)
+    with pytest.raises(TokenInvalid, match="longer than"):
+        jwtlite.verify_hs256(token, KEY)

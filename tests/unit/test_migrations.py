@@ -25,6 +25,7 @@ def test_upgrade_from_0001_keeps_tokens(tmp_path: Path) -> None:
             )
         )
     engine.dispose()
+    (tmp_path / "old.db").chmod(0o600)  # the upgrade note: a readable store is refused now
     store = SqlTokenStore(url)
     record = store.current("alice")
     assert record is not None and (record.version, record.token, record.attempts) == (3, "a.b.c", 0)

@@ -130,16 +130,14 @@ def test_authorization(tmp_path: Path) -> None:
 def test_spool_ingested_once(tmp_path: Path) -> None:
     spool = SpoolStore(tmp_path / "spool")
     record, _ = _minter(spool, FakeClock(), tmp_path).mint(_ordinary(), os.geteuid(), actor="pam")
+    spooled = tmp_path / "spool" / f"{_ordinary()}.json"
+    assert KEY.hex() not in spooled.read_text() and stat.S_IMODE(spooled.stat().st_mode) == 0o600
     store = SqlTokenStore(f"sqlite:///{tmp_path}/db.sqlite", tmp_path / "spool")
     assert store.current(_ordinary()) == record
     assert store.ingest_spool() == 0  # idempotent
     events = store.events(_ordinary())
     assert [(e["event"], e["actor"]) for e in events] == [("minted", "pam")]
-    raw = (tmp_path / "spool" / f"{_ordinary()}.json").read_text()
-    assert (
-        KEY.hex() not in raw
-        and stat.S_IMODE(os.stat(tmp_path / "spool" / f"{_ordinary()}.json").st_mode) == 0o600
-    )
+    assert os.listdir(tmp_path / "spool") == []  # ingested records are deleted
 
 
 def test_cli_mint_print_and_list(tmp_path: Path) -> None:

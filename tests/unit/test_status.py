@@ -113,7 +113,14 @@ def test_snapshot_counts_and_limits(store: SqlTokenStore) -> None:
         5000,
     )
     # carol's first mint is two days old; deliveries and removals are audited too.
-    assert snap.events == {"minted": 4, "revoked": 1, "renewed": 1, "failed": 1, "delivered": 1}
+    assert snap.events == {
+        "minted": 4,
+        "superseded": 1,  # carol's old token, by her new one
+        "revoked": 1,
+        "renewed": 1,
+        "failed": 1,
+        "delivered": 1,
+    }
     assert snap.last_renewal == T0 - 10
     assert snap.deliveries == {"delivered": 1, "pending": 1, "failed": 2, "removing": 1}
     assert {n: (t.pending, t.failed, t.error) for n, t in snap.nodes.items()} == {
@@ -180,7 +187,7 @@ def test_status_command(tmp_path: Path) -> None:
     )
     assert lines[2].startswith("renew-until carol: renewable for 1h23m (")
     assert re.fullmatch(
-        r"last 24h    1 renewed, 1 failed, 1 delivered, 4 minted, 1 revoked; "
+        r"last 24h    1 renewed, 1 failed, 1 delivered, 4 minted, 1 revoked, 1 superseded; "
         r"last renewal 1\ds ago",
         lines[3],
     )

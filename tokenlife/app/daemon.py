@@ -3,7 +3,10 @@
 APScheduler only decides *when*; the work is the same ``Renewer.tick`` the
 systemd timer runs.  Signals (handlers only set flags or poke the
 scheduler): ALRM ticks now, HUP reloads the configuration (a bad file keeps
-the old one), TERM/INT let the running batch finish and exit 0.
+the old one), TERM/INT let the running batch finish (for STOP_GRACE seconds
+at most: a wedged tick never keeps the daemon from stopping) and exit 0.
+Under systemd's watchdog, WATCHDOG=1 is sent while the socket serves and no
+tick has run longer than STUCK_AFTER.
 
 With ``serve.metrics`` set, Prometheus metrics are served on that address
 (tokenlife.app.metrics); a port that cannot be bound is logged and the daemon
@@ -27,6 +30,11 @@ from tokenlife.errors import TokenlifeError
 
 log = logging.getLogger("tokenlife.daemon")  # the name operators grep for
 
+#: a tick running longer than this is stuck: the watchdog stops being fed
+STUCK_AFTER = 900
+#: on SIGTERM, how long the running tick may take to finish its batch
+STOP_GRACE = 60
+
 
 class Daemon:
     def __init__(self, config_path: Path | None, socket: Path | None = None) -> None:
@@ -35,6 +43,7 @@ class Daemon:
         self.stop = threading.Event()
         self._lock = threading.Lock()  # one tick at a time, reloads between ticks
         self.again = threading.Event()  # a tick was asked for while one ran
+        self.tick_started: float | None = None  # monotonic start of the running tick
 
     def _build(self) -> None:
         from tokenlife.app.site import Site
@@ -65,10 +74,24 @@ class Daemon:
     def _tick(self) -> None:
         with self._lock:
             started, ok = time.monotonic(), False
+            self.tick_started = started
             try:
                 ok = self._tick_once()
             finally:  # an unexpected error (APScheduler logs it) is a failed tick too
+                self.tick_started = None
                 self.metrics.stats.tick_done(ok, time.monotonic() - started)
+
+    def healthy(self) -> bool:
+        """What the systemd watchdog is told: the socket serves and no tick is stuck.
+
+        A tick that has run longer than STUCK_AFTER (a wedged store or node
+        that no timeout caught) stops the WATCHDOG=1 pings: systemd then
+        restarts the daemon, and the tick's open batch rolls back.
+        """
+        started = self.tick_started
+        if started is not None and time.monotonic() - started > STUCK_AFTER:
+            return False
+        return any(t.name == "mint-socket" for t in threading.enumerate())
 
     def _tick_once(self) -> bool:
         """Renewal, then delivery; False if either failed as a whole."""
@@ -151,15 +174,29 @@ class Daemon:
             self.metrics.server.url if self.metrics.server else "off",
         )
         watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) > 0
+        stuck = False
         while not self.stop.wait(1.0):
-            # Alive means the socket thread still serves; systemd restarts us otherwise.
-            if watchdog and any(t.name == "mint-socket" for t in threading.enumerate()):
+            if not watchdog:
+                continue
+            if self.healthy():
                 notify("WATCHDOG=1")
+                stuck = False
+            elif not stuck:
+                log.error("a tick has run for over %ds: no more watchdog pings", STUCK_AFTER)
+                stuck = True
         notify("STOPPING=1")
         server.shutdown()
         server.server_close()
-        scheduler.shutdown(wait=True)  # the running tick finishes its batch
+        scheduler.shutdown(wait=False)
+        # The running tick may finish its batch, for a while: a wedged one
+        # must not keep the daemon from stopping (its batch rolls back).
+        finished = self._lock.acquire(timeout=STOP_GRACE)
         self.metrics.close()
+        if not finished:
+            log.error("a tick still runs after %ds: stopping without it", STOP_GRACE)
+            logging.shutdown()
+            os._exit(0)
+        self._lock.release()
         self.site.close()
         return 0
 

@@ -106,12 +106,27 @@ def push(args: argparse.Namespace) -> int:
         return _push(args)
     # PrologSlurmctld: a non-zero exit would requeue and hold the job, so no
     # token problem may fail it; the regular cycle retries what is left.
+    # The line is printed only once the except clause has let go of the
+    # exception: a MemoryError's traceback holds on to what filled the
+    # memory, and printing it there raised a second MemoryError that went
+    # past every handler (exit 1 and a traceback).
+    import contextlib
+
+    failure: str | None = None
     try:
         _push(args)
-    except TokenlifeError as exc:
-        print(f"tokenlife-push: {exc}", file=sys.stderr)
+    except MemoryError:
+        failure = "out of memory"
     except Exception as exc:  # a bug here must not hold every job either
-        print(f"tokenlife-push: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        try:
+            failure = str(exc)
+            if not isinstance(exc, TokenlifeError):
+                failure = f"unexpected error: {type(exc).__name__}: {failure}"
+        except Exception:  # an exception whose message cannot be made
+            failure = f"unexpected error: {type(exc).__name__}"
+    if failure is not None:
+        with contextlib.suppress(Exception):
+            print(f"tokenlife-push: {' '.join(failure.split())[:1000]}", file=sys.stderr)
     return 0
 
 
@@ -162,6 +177,7 @@ def _caller() -> str:
 
 
 def revoke(args: argparse.Namespace) -> int:
+    import errno
     import time
 
     from producer.loginfile import token_path
@@ -171,18 +187,39 @@ def revoke(args: argparse.Namespace) -> int:
     validate_name(args.user)
     site = _site(args)
     config, store = site.config, site.store
+    # Before anything is committed: a user database that fails (UserDbError)
+    # stops the command with nothing changed.
+    uid = uid_of(args.user)
     now = int(time.time())
     count = store.renewals.set_state(args.user, "revoked", "revoked", site.actor, args.reason, now)
     if count == 0:
         raise TokenlifeError(f"{args.user} has no active token")
     nodes = store.deliveries.request_removal(args.user, now)
-    uid = uid_of(args.user)
-    removed = uid is not None and remove_file(token_path(config.login.token_dir, uid))
+    # The revocation is committed: whatever happens to the login file now is
+    # reported after the line that says so, never instead of it.
+    removed, warning, error = False, "", ""
+    if uid is not None:
+        path = token_path(config.login.token_dir, uid)
+        try:
+            removed = remove_file(path)  # follows no symlink, removes no directory
+        except IsADirectoryError:
+            warning = f"{path} is a directory, not a token file: left in place"
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                warning = f"{path.parent} is not a directory (or is a symlink): nothing removed"
+            else:
+                error = f"the token file {path} could not be removed: {exc.strerror or exc}"
     print(
         f"revoked {count} token(s) of {args.user}"
         + ("; removed its token file" if removed else "")
-        + (f"; removal from {nodes} node(s) queued" if nodes else "")
+        + (f"; removal from {nodes} node(s) queued" if nodes else ""),
+        flush=True,
     )
+    if warning:
+        print(f"tokenlife-revoke: warning: {warning}", file=sys.stderr)
+    if error:
+        print(f"tokenlife-revoke: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -288,6 +325,7 @@ def config_check(args: argparse.Namespace) -> int:
         report["key_id"] = source.load().key_id
     except TokenlifeError as exc:
         problems.append(f"key: {exc}")
+    problems += _store_problems(config)
     report["problems"] = problems
     if args.json:
         print(json.dumps(report, indent=2))
@@ -300,6 +338,22 @@ def config_check(args: argparse.Namespace) -> int:
         if not problems:
             print("ok")
     return 1 if problems else 0
+
+
+def _store_problems(config: Config) -> list[str]:
+    """What is wrong with a SQLite store's files, without creating or opening it."""
+    from pathlib import Path
+
+    url = config.store.url
+    if not url.startswith("sqlite") or ":///" not in url or url.endswith(":memory:"):
+        return []
+    from repository.store import check_sqlite_private
+
+    try:
+        check_sqlite_private(Path(url.split(":///", 1)[1]))
+    except TokenlifeError as exc:
+        return [f"store: {exc}"]
+    return []
 
 
 def jwks(args: argparse.Namespace) -> int:

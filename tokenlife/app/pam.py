@@ -15,6 +15,10 @@ import sys
 
 # Not json, re or typing: together they cost more than the rest of a login.
 DEFAULT_SOCKET = "/run/tokenlife/mint.sock"
+#: how long a login waits for the mint service before minting itself
+SERVICE_TIMEOUT = 5.0
+#: refusals that say the service is in trouble, not the login: PAM mints itself
+_SERVICE_TROUBLE = ("mint service busy", "internal error", "too many connections")
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 USAGE = "usage: tokenlife [-c CONFIG] [-v] [--debug] pam [--socket PATH]"
@@ -59,14 +63,17 @@ def main(argv: list[str]) -> int:
             status, required, message = answer
             if status == "OK":
                 return 0
-            _say(f"{user}: {message}")
-            return 1 if required else 0
+            if not message.startswith(_SERVICE_TROUBLE):
+                _say(f"{user}: {message}")
+                return 1 if required else 0
+            # The service is busy or broke: not this login's fault; mint here.
+            _say(f"{user}: mint service: {message}; minting here")
     # No service, or a name the service would refuse: the full path decides.
     return _fallback(user, config_path)
 
 
 def _ask_service(socket_path: str, user: str) -> tuple[str, bool, str] | None:
-    """One round trip in the service's line reply mode; None if nobody listens.
+    """One round trip in the service's line reply mode; None if no answer came.
 
     Reply: ``OK`` or ``ERR <required 0|1> <message>``.  ``user`` holds only
     name characters, so the hand-made JSON request needs no escaping.
@@ -75,19 +82,24 @@ def _ask_service(socket_path: str, user: str) -> tuple[str, bool, str] | None:
 
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        sock.settimeout(10.0)
+        sock.settimeout(SERVICE_TIMEOUT)
         try:
             sock.connect(socket_path)
         except OSError:
-            return None
+            return None  # no service runs here: the fallback mints, quietly
         sock.sendall(b'{"op":"pam","reply":"line","user":"%s"}\n' % user.encode())
         chunks = []
         while chunk := sock.recv(4096):
             chunks.append(chunk)
     except OSError as exc:
-        return "ERR", False, f"mint service failed: {exc}"
+        # Nobody listens, or the service is wedged or overloaded: this login
+        # must not go without a token for that, so the fallback mints.
+        _say(f"{user}: mint service at {socket_path} did not answer ({exc}); minting here")
+        return None
     finally:
         sock.close()
+    if not chunks:
+        return None  # the service closed without a word: the fallback decides
     status, _, rest = b"".join(chunks).decode(errors="replace").strip().partition(" ")
     required, _, message = rest.partition(" ")
     return status, required == "1", message

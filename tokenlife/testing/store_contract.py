@@ -238,12 +238,17 @@ class StoreContract:
         renewed = record("tlalice", first_issued=NOW, iat=NOW + DAY, version=2)
         store.save(renewed, "renewed", "renewer@tokenhost1", "due: 1h before exp")
 
+        # A save that replaces the user's active token audits that too.
         assert [(e["event"], e["actor"]) for e in store.events("tlalice")] == [
             ("minted", "root"),
+            ("superseded", "renewer@tokenhost1"),
             ("renewed", "renewer@tokenhost1"),
         ]
-        assert store.events("tlalice")[1]["version"] == 2
-        assert store.events("tlalice")[1]["reason"] == "due: 1h before exp"
+        superseded = store.events("tlalice")[1]
+        assert (superseded["token_id"], superseded["version"]) == (alice.token_id, 1)
+        assert superseded["reason"] == f"by {renewed.token_id}"
+        assert store.events("tlalice")[2]["version"] == 2
+        assert store.events("tlalice")[2]["reason"] == "due: 1h before exp"
         assert [e["token_id"] for e in store.events("tlbob")] == [bob.token_id]
         assert store.events("nobody") == []
         dump = json.dumps(store.events())
@@ -321,4 +326,8 @@ class StoreContract:
         host2.save(second, "minted", "host2")
         assert same(host1.current("tlalice"), second)
         assert [r.state for r in host1.records("tlalice")] == [EXPIRED, ACTIVE]
-        assert [e["actor"] for e in host1.events()] == ["host1", "host2"]
+        assert [(e["event"], e["actor"]) for e in host1.events()] == [
+            ("minted", "host1"),
+            ("superseded", "host2"),
+            ("minted", "host2"),
+        ]
