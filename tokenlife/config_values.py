@@ -113,13 +113,17 @@ def http_url(value: Any) -> str:
 
 def store_url(value: Any) -> str:
     text = nonempty(value)
-    if re.match(r"sqlite(\+\w+)?:///", text):
-        path = text.split(":///", 1)[1]
-        if path != ":memory:" and not path.startswith("/"):
+    scheme = store_scheme(text)
+    if scheme == "sqlite":
+        match = re.fullmatch(r"sqlite(\+\w+)?:///(.+)", text)
+        if match is None:
+            raise ValueError("expected sqlite:///PATH or postgresql+psycopg://...")
+        if match[2] != ":memory:" and not match[2].startswith("/"):
             raise ValueError("the SQLite path must be absolute: sqlite:////var/lib/tokenlife/...")
-    if not re.match(r"(sqlite|postgresql)(\+\w+)?://", text) and not registry.known(
-        registry.STORES, store_scheme(text)
-    ):
+    elif scheme == "postgresql":
+        if not re.match(r"postgresql(\+\w+)?://", text):
+            raise ValueError("expected sqlite:///PATH or postgresql+psycopg://...")
+    elif not registry.known(registry.STORES, scheme):
         raise ValueError("expected sqlite:///PATH or postgresql+psycopg://...")
     return text
 

@@ -99,7 +99,10 @@ class SlurmJobs:
 def parse_squeue(data: Mapping[str, Any], skipped: list[str] | None = None) -> Needs:
     """Needs from squeue's JSON (Slurm 22.05: state is a string; 23.02+: a list)."""
     needs: Needs = {}
-    for job in data["jobs"]:
+    jobs = data["jobs"]
+    if not isinstance(jobs, list):
+        raise TypeError("'jobs' is not a list")
+    for job in jobs:
         try:
             state = job.get("job_state")
             states = set(state) if isinstance(state, list) else {state}
