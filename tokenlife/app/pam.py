@@ -18,7 +18,13 @@ DEFAULT_SOCKET = "/run/tokenlife/mint.sock"
 #: how long a login waits for the mint service before minting itself
 SERVICE_TIMEOUT = 5.0
 #: refusals that say the service is in trouble, not the login: PAM mints itself
-_SERVICE_TROUBLE = ("mint service busy", "internal error", "too many connections")
+_SERVICE_TROUBLE = (
+    "mint service busy",
+    "internal error",
+    "too many connections",
+    "token store failed",  # the database is down: the spool takes the record
+    "cannot open the token store",
+)
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 USAGE = "usage: tokenlife [-c CONFIG] [-v] [--debug] pam [--socket PATH]"

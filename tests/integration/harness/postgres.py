@@ -181,6 +181,18 @@ class PostgresServer:
                 self._last_log = (workdir / "postgres.log").read_text(errors="replace")
             shutil.rmtree(workdir, ignore_errors=True)
 
+    def pause(self) -> None:
+        """Stop the server (fast mode: clients are cut off) but keep its data: an outage."""
+        result = self._pg_ctl("stop", "-m", "fast", "-w", "-t", "30")
+        if result.returncode != 0:
+            raise PostgresError(f"pg_ctl stop failed: {result.stdout}{result.stderr}")
+
+    def resume(self) -> None:
+        """Start a paused server again, on the same port."""
+        result = self._pg_ctl("start", "-w", "-t", "30", "-l", str(self.log_file))
+        if result.returncode != 0:
+            raise PostgresError(f"pg_ctl start failed: {result.stdout}{result.stderr}")
+
     def _stop_server(self, workdir: Path) -> None:
         data = workdir / "data"
         result = subprocess.run(
