@@ -162,6 +162,12 @@ class SshPool:
         except (paramiko.SSHException, OSError) as exc:
             client.close()
             raise TransportError(f"{node}: cannot start SFTP: {exc}") from exc
+        # A node that stops answering mid-session (hung, frozen, its link
+        # gone without a reset) fails its own delivery after this, instead of
+        # holding a worker and the whole cycle forever.
+        channel = sftp.get_channel()
+        if channel is not None:
+            channel.settimeout(operation_timeout(self.config.connect_timeout))
         own_uid = 0 if target.user == "root" else (sftp.lstat(".").st_uid or 0)
         return _Conn(client, sftp, own_uid)
 
@@ -199,6 +205,11 @@ class SshPool:
             conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
             conn.close()
+
+
+def operation_timeout(connect_timeout: int) -> float:
+    """How long one SFTP request may wait for its answer: a token file is small."""
+    return float(max(10, 3 * connect_timeout))
 
 
 def _display(target: Target) -> str:

@@ -11,7 +11,10 @@ lock after a cycle, and no node's token ever goes back to an older one.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
+import signal
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -127,3 +130,66 @@ def test_down_and_flapping_nodes_never_hold_back_the_others(
         for name in DOWN:
             if not nodes[name].running:
                 nodes.start_node(name)
+
+
+def freeze(nodes: SshNodes, name: str, sig: signal.Signals) -> list[int]:
+    """Send ``sig`` to every process of node ``name`` but its namespace holder."""
+    holder = nodes[name].pid
+    namespace = os.readlink(f"/proc/{holder}/ns/mnt")
+    hit = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == holder:
+            continue
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{entry}/ns/mnt") == namespace:
+                os.kill(int(entry), sig)
+                hit.append(int(entry))
+    return hit
+
+
+def test_a_node_that_hangs_mid_session_fails_alone(
+    nodes: SshNodes, tmp_path: Path, test_users: tuple[str, str]
+) -> None:
+    """R7: node03's sshd and sftp-server freeze (SIGSTOP) with a pooled session open:
+    its delivery fails after the SFTP operation timeout, every other node is served
+    in the same cycle, and node03 catches up once it thaws."""
+    for name in DOWN:
+        if not nodes[name].running:
+            nodes.start_node(name)
+    delivery = DeliveryConfig(
+        transport="ssh",
+        ssh=SshConfig(
+            identity_file=nodes.client_key,
+            known_hosts=nodes.known_hosts,
+            ssh_config=nodes.ssh_config,
+            connect_timeout=2,
+        ),
+    )
+    clock = FakeClock(1_900_000_000)
+    config = Config(token=replace(TokenConfig(), lifetime=4000, renew_until=20000))
+    store = SqlTokenStore(f"sqlite:///{tmp_path}/db")
+    transport = SshTransport(delivery)
+    user = test_users[0]
+    few = ["node02", "node03", "node04"]
+    cycle = DeliveryCycle(store, transport, FakeJobs({user: set(few)}), 600, clock=clock)
+    minter = Minter(config, StaticKeySource(KEY), store, clock)
+    try:
+        minter.mint(user, 0)
+        assert cycle.run().delivered == 3  # sessions to all three are now pooled
+        clock.advance(60)
+        newer = minter.mint(user, 0)[0]
+        frozen = freeze(nodes, "node03", signal.SIGSTOP)
+        assert frozen
+        try:
+            summary = cycle.run()
+        finally:
+            freeze(nodes, "node03", signal.SIGCONT)
+        assert (summary.delivered, summary.failed) == (2, 1), summary.errors
+        assert summary.errors[0].startswith("node03: ")
+        for name in ("node02", "node04"):
+            assert token_on(nodes, name, newer.uid) == newer.token
+        clock.advance(RETRY_CAP + 1)
+        assert cycle.run().delivered == 1
+        assert token_on(nodes, "node03", newer.uid) == newer.token
+    finally:
+        transport.close()
