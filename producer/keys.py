@@ -91,7 +91,13 @@ class RS256Key:
 
         from tokenlife.errors import TokenInvalid
 
+        if not token.isascii():
+            raise TokenInvalid("token does not verify: not ASCII")
         try:
+            # Slurm's jwks= picks the key by kid: a token without today's kid
+            # is not today's token, whatever key signed it.
+            if jwt.get_unverified_header(token).get("kid") != self.kid:
+                raise TokenInvalid("token does not verify: its kid is not this key's")
             payload: dict[str, Any] = jwt.decode(
                 token, self._key.public_key(), algorithms=["RS256"], options={"verify_exp": False}
             )

@@ -78,6 +78,8 @@ def verify_hs256(token: str, key: bytes) -> dict[str, Any]:
         raise TokenInvalid("token is not HS256")
     signing_input = token.strip().rsplit(".", 1)[0].encode("ascii")
     expected = hmac.new(key, signing_input, hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, b64url_decode(signature)):
+    # Compared as text, canonical base64url: the unused low bits of the last
+    # character must not give one signature many spellings.
+    if not hmac.compare_digest(b64url(expected), signature):
         raise TokenInvalid("token signature does not match the signing key")
     return payload
