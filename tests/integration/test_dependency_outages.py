@@ -9,6 +9,7 @@ ingests what the login left, without a restart.
 
 from __future__ import annotations
 
+import os
 import pwd
 import secrets
 import signal
@@ -134,3 +135,73 @@ def test_postgresql_outage_under_a_running_daemon(tmp_path: Path, pg: PostgresSe
             _, err = serve.communicate()
     assert serve.returncode == 0
     assert "tick failed" in err
+
+
+def test_slurmctld_unreachable_under_a_running_daemon(tmp_path: Path) -> None:
+    """squeue fails as it does when slurmctld is down: the daemon runs on, the
+    metrics say so, nothing is removed from the nodes, and it recovers by itself."""
+    require_root()
+    key = tmp_path / "jwt_hs256.key"
+    key.write_bytes(KEY)
+    key.chmod(0o600)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    answer = tmp_path / "squeue.json"
+    (bin_dir / "squeue").write_text(
+        "#!/bin/sh\n"
+        f"[ -f {answer} ] && exec cat {answer}\n"
+        'echo "squeue: error: Unable to contact slurm controller (connect failure)" >&2\n'
+        "exit 1\n"
+    )
+    (bin_dir / "squeue").chmod(0o755)
+    port = free_port()
+    cfg = tmp_path / "tokenlife.toml"
+    cfg.write_text(
+        f'[key]\npath = "{key}"\n'
+        f'[store]\nurl = "sqlite:///{tmp_path}/db"\nspool_dir = "{tmp_path}/spool"\n'
+        f'[login]\ntoken_dir = "{tmp_path}/login"\n'
+        f'[producer]\nsocket = "{tmp_path}/mint.sock"\n'
+        f'[delivery]\ntransport = "local"\nroot = "{tmp_path}/nodes"\njobs = "slurm"\n'
+        f'remove_after = "1s"\n'
+        f'[serve]\ninterval = "1h"\nmetrics = "127.0.0.1:{port}"\n'
+    )
+    assert run_cli("-c", str(cfg), "mint", "nobody").returncode == 0
+    answer.write_text(
+        '{"jobs": [{"job_id": 1, "job_state": ["RUNNING"], "nodes": "n01", "user_name": "nobody"}]}'
+    )
+    node_file = tmp_path / "nodes" / "n01" / "run" / "tokenlife" / str(NOBODY) / "slurm_jwt"
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    serve = subprocess.Popen(
+        [tokenlife_bin(), "-c", str(cfg), "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: node_file.exists(), "the first delivery")
+        wait_for(lambda: metric(metrics, "tokenlife_job_source_up") == 1, "the job source up")
+        answer.unlink()  # slurmctld goes away
+        time.sleep(2)  # past remove_after: a wrong cycle would remove now
+        serve.send_signal(signal.SIGALRM)
+        wait_for(lambda: metric(metrics, "tokenlife_job_source_up") == 0, "the outage seen")
+        assert (metric(metrics, "tokenlife_job_source_failures_total") or 0) >= 1
+        assert node_file.exists()  # nothing removed on a failed view
+        assert serve.poll() is None
+        answer.write_text(
+            '{"jobs": [{"job_id": 1, "job_state": ["RUNNING"], "nodes": "n01", '
+            '"user_name": "nobody"}]}'
+        )
+        serve.send_signal(signal.SIGALRM)
+        wait_for(lambda: metric(metrics, "tokenlife_job_source_up") == 1, "the recovery")
+        assert node_file.exists()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            _, err = serve.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            _, err = serve.communicate()
+    assert serve.returncode == 0
+    assert "Unable to contact slurm controller" in err

@@ -59,6 +59,10 @@ class TickStats:
     expired: int = 0
     results: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
     tick_failures: int = 0
+    #: delivery cycles whose job source failed (squeue down, slurmctld unreachable)
+    job_source_failures: int = 0
+    #: 1 if the last cycle's job source answered, 0 if it failed, -1 before any cycle
+    job_source_up: int = -1
     #: epoch seconds of the end of the last tick that completed, 0: none yet
     last_success: float = 0.0
     #: how long the last tick took (renewal plus delivery), failed or not
@@ -77,6 +81,8 @@ class TickStats:
         with self.lock:
             for name in RESULTS:
                 self.results[name] += int(getattr(summary, name))
+            self.job_source_up = 0 if summary.jobs_error else 1
+            self.job_source_failures += bool(summary.jobs_error)
 
     def tick_done(self, ok: bool, duration: float, now: float | None = None) -> None:
         with self.lock:
@@ -106,7 +112,20 @@ class TickStats:
                     "Ticks that failed as a whole (store or job source down, ...).",
                     self.tick_failures,
                 ),
+                _counter(
+                    "job_source_failures",
+                    "Delivery cycles whose job source failed (nothing removed then).",
+                    self.job_source_failures,
+                ),
             ]
+            if self.job_source_up >= 0:
+                families.append(
+                    GaugeMetricFamily(
+                        "tokenlife_job_source_up",
+                        "1 if the last delivery cycle's job source answered, else 0.",
+                        value=self.job_source_up,
+                    )
+                )
             results = CounterMetricFamily(
                 "tokenlife_delivery_results",
                 "Deliveries to nodes by result, per node and user, since the daemon started.",
