@@ -231,6 +231,10 @@ class NodeFS(Protocol):
 
     def rmdir(self, path: str) -> bool: ...
 
+    def listdir(self, path: str) -> list[str]:
+        """The names in directory ``path`` (to sweep a killed pusher's temp files)."""
+        ...
+
 
 class Transport(Protocol):
     """Puts a user's token file on a node, or takes it away.  Built from ``[delivery]``."""

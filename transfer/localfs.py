@@ -77,6 +77,9 @@ class LocalFS:
             return False
         return True
 
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(self._p(path))
+
     def rmdir(self, path: str) -> bool:
         try:
             os.rmdir(self._p(path))

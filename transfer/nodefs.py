@@ -60,6 +60,10 @@ def install(fs: NodeFS, base: str, tf: TokenFile) -> str:
     target = file_path(base, tf.uid)
     current = fs.lstat(target)
     if _same(current, tf) or (current is not None and current.mtime > tf.order):
+        # Owed but already there: what a crash between the install and its
+        # record leaves, so this is where a killed pusher's temp files go too.
+        assert current is not None
+        _sweep(fs, user_dir(base, tf.uid), older_than=current.mtime)
         return UNCHANGED if _same(current, tf) else NEWER_THERE
     temp = _create_temp(fs, base, tf)
     renamed = False
@@ -68,8 +72,11 @@ def install(fs: NodeFS, base: str, tf: TokenFile) -> str:
             current = fs.lstat(target)  # again, now that nobody else can change it
             if current is not None and current.is_file and current.mtime > tf.order:
                 return NEWER_THERE
+            if _same(current, tf):
+                return UNCHANGED  # another pusher put this very token there meanwhile
             fs.rename(temp, target)
             renamed = True
+            _sweep(fs, user_dir(base, tf.uid), older_than=tf.order)
             return INSTALLED
     finally:
         if not renamed:
@@ -79,7 +86,10 @@ def install(fs: NodeFS, base: str, tf: TokenFile) -> str:
 def _create_temp(fs: NodeFS, base: str, tf: TokenFile) -> str:
     """A new temporary file holding ``tf``; a name that exists is never reused."""
     for _ in range(TEMP_ATTEMPTS):
-        temp = _join(user_dir(base, tf.uid), f".{FILE_NAME}.{secrets.token_hex(6)}.tmp")
+        # The token's iat in the name: a sweep can tell, without a race with
+        # the file's own mtime (set only after it is written), whose it is.
+        name = f".{FILE_NAME}.{tf.order}.{secrets.token_hex(6)}.tmp"
+        temp = _join(user_dir(base, tf.uid), name)
         if fs.create(temp, tf.data(), 0o600, (tf.uid, tf.gid), tf.order):
             return temp
         log.warning("temporary file %s exists; trying another name", temp)
@@ -92,8 +102,38 @@ def remove(fs: NodeFS, base: str, uid: int) -> bool:
         return False
     with _Lock(fs, base, uid):
         removed = fs.remove(file_path(base, uid))
+        _sweep(fs, user_dir(base, uid), older_than=None)
     fs.rmdir(user_dir(base, uid))  # fails harmlessly if the user left files there
     return removed
+
+
+def _sweep(fs: NodeFS, directory: str, older_than: int | None) -> None:
+    """Delete temporary files a killed pusher left (each a whole token).
+
+    Those of the token on the node or an older one (the iat is in their
+    name): a pusher still busy with one of those finds, under the lock, this
+    token or a newer one there and does not rename, so no lock is needed;
+    one with a newer token keeps its file.  On removal, all of them (under
+    the lock).
+    """
+    prefix = f".{FILE_NAME}."
+    try:
+        names = fs.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        iat, _, _ = name[len(prefix) : -len(".tmp")].partition(".")
+        old = iat.isascii() and iat.isdigit() and older_than is not None and int(iat) <= older_than
+        if older_than is not None and not old:
+            continue
+        path = _join(directory, name)
+        log.info("removing %s, left by a pusher that died", path)
+        try:
+            fs.remove(path)
+        except OSError as exc:  # the user's directory: whatever is there, never fail for it
+            log.warning("cannot remove %s: %s", path, exc.strerror or exc)
 
 
 def _same(current: FileInfo | None, tf: TokenFile) -> bool:

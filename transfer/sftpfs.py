@@ -103,6 +103,9 @@ class SftpFS:
             return False
         return True
 
+    def listdir(self, path: str) -> list[str]:
+        return self.sftp.listdir(path)
+
     def rmdir(self, path: str) -> bool:
         try:
             self.sftp.rmdir(path)

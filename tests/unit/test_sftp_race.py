@@ -121,6 +121,10 @@ class FakeSftp:
             raise self._missing(path)
         del self.files[path]
 
+    def listdir(self, path: str) -> list[str]:
+        prefix = path.rstrip("/") + "/"
+        return sorted({p[len(prefix) :].split("/")[0] for p in self.files if p.startswith(prefix)})
+
     def rmdir(self, path: str) -> None:
         if any(p.startswith(path + "/") for p in self.files):
             raise OSError("Failure")
