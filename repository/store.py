@@ -29,6 +29,7 @@ from repository.migrate import migrate
 from repository.models import EventRow, TokenRow
 from repository.rows import audit, to_dt, to_epoch, to_record, to_row
 from tokenlife.config import StoreConfig
+from tokenlife.config_values import sqlite_file
 from tokenlife.errors import StoreError
 from tokenlife.records import ACTIVE, TokenRecord
 
@@ -69,9 +70,9 @@ READ_ONLY = "tokenlife_read_only"
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[1] if "///" in url else ""
-        if path and path != ":memory:":
-            private_sqlite_file(Path(path))
+        path = sqlite_file(url)
+        if path is not None:
+            private_sqlite_file(path)
         engine = create_engine(url, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)

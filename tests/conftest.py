@@ -72,6 +72,25 @@ def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_cli
 
 
+def run_engine(
+    config: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``tokenlife-engine ARGS`` with ``config`` and only ``env`` (plus PATH) in its environment."""
+    full = {"PATH": os.environ["PATH"], "TOKENLIFE_CONFIG": str(config), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "client_engine.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=30,
+        preexec_fn=preexec_fn,
+        check=False,
+    )
+
+
 def write_cli_site(root: Path, key: bytes, extra: str = "") -> Path:
     """A key file and a config keeping all state under ``root``; returns the config."""
     key_path = root / "k"

@@ -128,6 +128,14 @@ def store_url(value: Any) -> str:
     return text
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URL; None for other stores and ``:memory:``."""
+    match = re.fullmatch(r"sqlite(\+\w+)?:///(.+)", url)
+    if match is None or match[2] == ":memory:":
+        return None
+    return Path(match[2])
+
+
 def store_scheme(url: str) -> str:
     """The store backend a URL names: ``postgresql+psycopg://`` is ``postgresql``."""
     return url.partition(":")[0].partition("+")[0]

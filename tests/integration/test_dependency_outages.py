@@ -54,6 +54,16 @@ def wait_for(check: object, what: str, timeout: float = 60) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def stop(serve: subprocess.Popen[str]) -> str:
+    """SIGTERM the daemon, wait (kill it after a minute); its stderr."""
+    serve.send_signal(signal.SIGTERM)
+    try:
+        return serve.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        serve.kill()
+        return serve.communicate()[1]
+
+
 @pytest.fixture
 def pg() -> Iterator[PostgresServer]:
     require_root()
@@ -127,12 +137,7 @@ def test_postgresql_outage_under_a_running_daemon(tmp_path: Path, pg: PostgresSe
         assert current is not None and current.token == token_file.read_text()
         store.close()
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            _, err = serve.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            _, err = serve.communicate()
+        err = stop(serve)
     assert serve.returncode == 0
     assert "tick failed" in err
 
@@ -197,11 +202,6 @@ def test_slurmctld_unreachable_under_a_running_daemon(tmp_path: Path) -> None:
         wait_for(lambda: metric(metrics, "tokenlife_job_source_up") == 1, "the recovery")
         assert node_file.exists()
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            _, err = serve.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            _, err = serve.communicate()
+        err = stop(serve)
     assert serve.returncode == 0
     assert "Unable to contact slurm controller" in err

@@ -7,13 +7,12 @@ import json
 import os
 import pwd
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_root
+from tests.conftest import require_root, run_engine
 
 UID = os.getuid()
 USER = pwd.getpwuid(UID).pw_name
@@ -49,15 +48,7 @@ class Node:
     def run(
         self, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        full = {"PATH": os.environ["PATH"], "TOKENLIFE_CONFIG": str(self.config), **(env or {})}
-        return subprocess.run(
-            [sys.executable, "-m", "client_engine.cli", *args],
-            capture_output=True,
-            text=True,
-            env=full,
-            timeout=30,
-            check=False,
-        )
+        return run_engine(self.config, *args, env=env)
 
     def env_lines(self, **env: str) -> list[str]:
         proc = self.run("env", env=env)

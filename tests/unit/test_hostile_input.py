@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_root, run_cli, tokenlife_bin, write_cli_site
+from tests.conftest import require_root, run_cli, run_engine, tokenlife_bin, write_cli_site
 from tests.unit.test_engine_cli import STEP, Node, make_token
 
 #: address space for a command that must not read without end: enough to run
@@ -52,17 +52,8 @@ def tokenlife(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 def engine(
     node: Node, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``tokenlife-engine`` as Node.run does, with a short timeout and a memory cap."""
-    full = {"PATH": os.environ["PATH"], "TOKENLIFE_CONFIG": str(node.config), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "client_engine.cli", *args],
-        capture_output=True,
-        text=True,
-        env=full,
-        timeout=30,
-        preexec_fn=_limited,
-        check=False,
-    )
+    """``tokenlife-engine`` as Node.run does, with a memory cap."""
+    return run_engine(node.config, *args, env=env, preexec_fn=_limited)
 
 
 def one_line(text: str) -> str:

@@ -58,6 +58,14 @@ def seed(store: SqlTokenStore, now: int) -> None:
         )
 
 
+def store_with_token(tmp_path: Path, user: str, uid: int, now: int) -> SqlTokenStore:
+    """A store holding one fresh token of ``user``."""
+    store = SqlTokenStore(f"sqlite:///{tmp_path}/db.sqlite")
+    record = TokenRecord("t1", user, uid, uid, now, now, now + 4000, now + 20000, 4000)
+    store.save(record, "minted", "test")
+    return store
+
+
 @pytest.mark.parametrize(
     "fault",
     [
@@ -121,13 +129,7 @@ def test_a_failed_uid_lookup_never_removes_a_running_jobs_token(tmp_path: Path) 
     real_uid = uid_of(user)
     assert real_uid is not None
     clock = FakeClock()
-    store = SqlTokenStore(f"sqlite:///{tmp_path}/db.sqlite")
-    now = int(clock.now())
-    store.save(
-        TokenRecord("t1", user, real_uid, real_uid, now, now, now + 4000, now + 20000, 4000),
-        "minted",
-        "test",
-    )
+    store = store_with_token(tmp_path, user, real_uid, int(clock.now()))
     nodes = tmp_path / "nodes"
     answer: dict[str, object] = {"uid": real_uid}
 
@@ -211,13 +213,7 @@ def test_one_unreadable_job_costs_that_job_only_and_removes_nothing(tmp_path: Pa
         jobs_json.write_text(json.dumps({"jobs": jobs}))
 
     clock = FakeClock()
-    store = SqlTokenStore(f"sqlite:///{tmp_path}/db.sqlite")
-    now = int(clock.now())
-    store.save(
-        TokenRecord("t1", user, real_uid, real_uid, now, now, now + 4000, now + 20000, 4000),
-        "minted",
-        "test",
-    )
+    store = store_with_token(tmp_path, user, real_uid, int(clock.now()))
     nodes = tmp_path / "nodes"
     source = SlurmJobs(squeue=str(squeue))
     cycle = DeliveryCycle(

@@ -24,7 +24,6 @@ import os
 import pwd
 import secrets
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from producer.keys import HS256Key, RS256Key
 from producer.mint import Minter
 from producer.spool import SpoolStore
 from repository.store import SqlTokenStore
-from tests.conftest import require_root
+from tests.conftest import require_root, run_engine
 from tokenlife.config import Config
 from tokenlife.errors import TokenInvalid
 from tokenlife.jwtlite import b64url, b64url_decode
@@ -553,15 +552,7 @@ class Node:
     def run(
         self, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        full = {"PATH": os.environ["PATH"], "TOKENLIFE_CONFIG": str(self.config), **(env or {})}
-        return subprocess.run(
-            [sys.executable, "-m", "client_engine.cli", *args],
-            capture_output=True,
-            text=True,
-            env=full,
-            timeout=30,
-            check=False,
-        )
+        return run_engine(self.config, *args, env=env)
 
     def assert_refused(self, reason: str, offered: str, env: dict[str, str] | None = None) -> None:
         """``token``, ``env`` (a step) and ``exec`` all refuse, each in one clean line."""

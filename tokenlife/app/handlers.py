@@ -342,15 +342,15 @@ def config_check(args: argparse.Namespace) -> int:
 
 def _store_problems(config: Config) -> list[str]:
     """What is wrong with a SQLite store's files, without creating or opening it."""
-    from pathlib import Path
+    from tokenlife.config_values import sqlite_file
 
-    url = config.store.url
-    if not url.startswith("sqlite") or ":///" not in url or url.endswith(":memory:"):
+    path = sqlite_file(config.store.url)
+    if path is None:
         return []
     from repository.store import check_sqlite_private
 
     try:
-        check_sqlite_private(Path(url.split(":///", 1)[1]))
+        check_sqlite_private(path)
     except TokenlifeError as exc:
         return [f"store: {exc}"]
     return []
