@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from client_engine import wrappers
 from client_engine.tokens import Refused, Token, delivered_path, freshest
 from tokenlife import engine_settings
 from tokenlife.engine_settings import EXPORT_MODES, JOB_OVERRIDE, EngineSettings
@@ -21,22 +22,28 @@ usage: {PROG} env
        {PROG} token
        {PROG} exec -- COMMAND [ARG...]
        {PROG} run -- COMMAND [ARG...]
+       {PROG} install-wrappers [DIR]
 
 Worker-node side of tokenlife: hands the token delivered to this node
 (<engine.token_dir>/<uid>/slurm_jwt) to jobs, and keeps it fresh.
 
-  env     for Slurm's TaskProlog: prints 'export SLURM_JWT_FILE=...' and, in the
-          tasks that engine.export_jwt allows, 'export SLURM_JWT=...'; otherwise
-          'unset SLURM_JWT' (srun and sstat need munge, not JWT). Always exits 0.
+  env     for Slurm's TaskProlog: prints 'export SLURM_JWT_FILE=...', 'export
+          SLURM_JWT=...' in the tasks that engine.export_jwt allows (every task
+          by default), and 'export PATH=...' with the Slurm command wrappers
+          first (srun, sstat, sattach and sbcast need munge, not JWT: their
+          wrappers drop SLURM_JWT). Always exits 0.
   token   prints the freshest valid token for the caller; exit 1 if none
           (SLURM_JWT=$({PROG} token) squeue)
   exec    runs COMMAND with the freshest valid token in SLURM_JWT
   run     runs COMMAND for its whole life, keeping a per-job copy of the token
           fresh at $SLURM_JWT_FILE (krenew-style; signals are forwarded and
           COMMAND's exit status is returned)
+  install-wrappers
+          (as root, on every node) writes the Slurm command wrappers into DIR
+          (default: engine.wrapper_dir, {engine_settings.DEFAULT_WRAPPER_DIR})
 
 Environment: TOKENLIFE_CONFIG (config file, default {engine_settings.DEFAULT_CONFIG}),
-{JOB_OVERRIDE}=steps|always|never (a job's own choice, overrides engine.export_jwt),
+{JOB_OVERRIDE}=always|steps|never (a job's own choice, overrides engine.export_jwt),
 SLURM_JOB_UID/SLURM_JOB_USER (the job's user), SLURM_JWT, SLURM_JWT_FILE.
 Exit status: 0 success, 1 no valid token (token, exec), 2 usage or configuration
 error; exec and run otherwise end with COMMAND's status. See docs/engine.md.
@@ -89,8 +96,14 @@ def env_lines(environ: dict[str, str] | os._Environ[str], now: float) -> list[st
         choices = "/".join(EXPORT_MODES)
         lines.append(f"print {PROG}: {JOB_OVERRIDE}={mode!r} is not one of {choices}")
         mode = settings.export_jwt
-    # The batch step (no SLURM_STEP_ID) is where job scripts run srun and
-    # sstat; both fail when SLURM_JWT is set, since slurmd accepts munge only.
+    path_line = None
+    if mode != "never" and settings.wrapper_dir:
+        path_line, trouble = _wrapped_path(environ, settings.wrapper_dir)
+        if trouble:
+            # Without wrappers, srun and sstat fail wherever SLURM_JWT is set:
+            # keep it out of the batch step, where job scripts call them.
+            lines.append(f"print {PROG}: {trouble}; SLURM_JWT only in srun steps")
+            mode = "steps"
     wanted = mode == "always" or (mode == "steps" and "SLURM_STEP_ID" in environ)
     inherited = environ.get("SLURM_JWT")
     # The delivered file alone decides what is exported: an inherited token,
@@ -114,7 +127,24 @@ def env_lines(environ: dict[str, str] | os._Environ[str], now: float) -> list[st
     # delivered, and it is still good; an exported token replaces it.
     if inherited is not None and not (wanted and (delivered is not None or keep_inherited)):
         lines.append("unset SLURM_JWT")
+    if path_line is not None:
+        lines.append(path_line)
+        if wrappers.DEPTH_VAR in environ:  # a new task starts a new count
+            lines.append(f"unset {wrappers.DEPTH_VAR}")
     return lines
+
+
+def _wrapped_path(
+    environ: dict[str, str] | os._Environ[str], wrapper_dir: str
+) -> tuple[str | None, str | None]:
+    """(the 'export PATH=' line, None), or (None, why the wrappers cannot be used)."""
+    trouble = wrappers.problem(wrapper_dir, os.getuid())
+    if trouble:
+        return None, trouble
+    path = wrappers.task_path(wrapper_dir, environ.get("PATH"))
+    if "\n" in path or "\r" in path:  # one line per setting: never split one
+        return None, "PATH holds a line break: wrappers not used"
+    return f"export PATH={path}", None
 
 
 def _env(environ: os._Environ[str]) -> int:
@@ -165,6 +195,27 @@ def _exec(environ: os._Environ[str], args: list[str]) -> int:
         return 127 if isinstance(exc, FileNotFoundError) else 126
 
 
+def _install_wrappers(args: list[str]) -> int:
+    if len(args) > 1 or (args and not args[0].startswith("/")):
+        raise UsageError(f"usage: {PROG} install-wrappers [DIR] (an absolute path)")
+    settings = load_settings()
+    directory = args[0].rstrip("/") if args else settings.wrapper_dir
+    if not directory:
+        raise UsageError("engine.wrapper_dir is empty (wrappers off): name a DIR")
+    try:
+        names = wrappers.install(directory, settings.slurm_bin_dir)
+    except OSError as exc:
+        raise BadConfig(f"{directory}: {exc.strerror or exc}") from None
+    trouble = wrappers.problem(directory, os.getuid())
+    if trouble:
+        raise BadConfig(f"installed, but tasks will not use them: {trouble}")
+    found = settings.slurm_bin_dir or f"in PATH after {directory}"
+    print(f"{PROG}: {len(names)} Slurm wrappers in {directory} (real commands {found})")
+    if settings.wrapper_dir != directory:
+        print(f"{PROG}: tasks use engine.wrapper_dir ({settings.wrapper_dir or 'off'}): set it")
+    return 0
+
+
 def _run(environ: os._Environ[str], args: list[str]) -> int:
     command = _command(args, "run")
     from client_engine.supervisor import supervise
@@ -194,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             return _exec(environ, args)
         if command == "run":
             return _run(environ, args)
+        if command == "install-wrappers":
+            return _install_wrappers(args)
         raise UsageError(f"unknown command line: {' '.join(argv) or '(none)'}; see --help")
     except (UsageError, BadConfig) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

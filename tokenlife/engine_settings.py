@@ -17,7 +17,9 @@ from tokenlife.durations import parse_duration
 DEFAULT_CONFIG = "/etc/tokenlife/tokenlife.toml"
 ENV_VAR = "TOKENLIFE_CONFIG"
 #: which tasks get SLURM_JWT (see docs/engine.md: srun and sstat need munge)
-EXPORT_MODES = ("steps", "always", "never")
+EXPORT_MODES = ("always", "steps", "never")
+#: where ``tokenlife-engine install-wrappers`` puts the Slurm command wrappers
+DEFAULT_WRAPPER_DIR = "/usr/libexec/tokenlife/slurm"
 #: a job may choose its own mode with this variable in its environment
 JOB_OVERRIDE = "TOKENLIFE_EXPORT_JWT"
 #: a configuration file is a few KiB: a bigger one is refused, not read
@@ -25,17 +27,30 @@ MAX_CONFIG_SIZE = 1 << 20
 
 
 class EngineSettings:
-    __slots__ = ("advisory_window", "export_jwt", "mandatory_window", "token_dir")
+    __slots__ = (
+        "advisory_window",
+        "export_jwt",
+        "mandatory_window",
+        "slurm_bin_dir",
+        "token_dir",
+        "wrapper_dir",
+    )
 
     def __init__(
         self,
         token_dir: str = "/run/tokenlife",  # noqa: S107 - a directory, not a secret
-        export_jwt: str = "steps",
+        export_jwt: str = "always",
         advisory_window: int = 900,
         mandatory_window: int = 600,
+        wrapper_dir: str = DEFAULT_WRAPPER_DIR,
+        slurm_bin_dir: str = "",
     ) -> None:
         self.token_dir = token_dir
         self.export_jwt = export_jwt
+        #: the wrappers' directory, put first in every task's PATH ("" = none)
+        self.wrapper_dir = wrapper_dir
+        #: where the wrappers find the real commands ("" = PATH after theirs)
+        self.slurm_bin_dir = slurm_bin_dir
         #: this close to exp, look for a newer token more eagerly
         self.advisory_window = advisory_window
         #: this close to exp, warn loudly: renewal or delivery is failing
@@ -59,6 +74,19 @@ def _abspath(value: object) -> str:
     return os.path.normpath(value)
 
 
+def _optional_path(value: object) -> str:
+    if value == "":
+        return ""
+    path = _abspath(value)
+    # The wrappers write it into shell scripts and PATH: keep it plain.
+    if not set(path) <= _PLAIN_PATH_CHARS:
+        raise ValueError("only letters, digits and /._+- are allowed here")
+    return path
+
+
+_PLAIN_PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._+-")
+
+
 def _mode(value: object) -> str:
     if value not in EXPORT_MODES:
         raise ValueError(f"expected one of {', '.join(EXPORT_MODES)}")
@@ -76,6 +104,8 @@ _CONVERT = {
     "export_jwt": _mode,
     "advisory_window": _duration,
     "mandatory_window": _duration,
+    "wrapper_dir": _optional_path,
+    "slurm_bin_dir": _optional_path,
 }
 KEYS = tuple(_CONVERT)
 

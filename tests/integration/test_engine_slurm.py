@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, require, require_tool, run_cli, tokenlife_bin
+from tests.conftest import REPO, require, require_tool, run_cli, run_engine, tokenlife_bin
 from tests.integration.conftest import SLURM_TOOLS, write_hs_key
 from tests.integration.harness.slurm import SlurmCluster
 
@@ -36,8 +36,11 @@ class Site:
     token_dir: Path
     config: Path
 
-    def mint(self, user: str) -> str:
-        proc = run_cli("-c", str(self.config), "mint", user, "--local", "--print")
+    rest_url: str
+    rest_api: str
+
+    def mint(self, user: str, *extra: str) -> str:
+        proc = run_cli("-c", str(self.config), "mint", user, "--local", "--print", *extra)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
 
@@ -97,8 +100,11 @@ def site(test_users: tuple[str, str]) -> Iterator[Site]:
             f'[key]\npath = "{key}"\n'
             f'[store]\nurl = "sqlite:///{work}/db.sqlite"\nspool_dir = "{work}/spool"\n'
             f'[login]\ntoken_dir = "{work}/login"\n'
-            f'[engine]\ntoken_dir = "{token_dir}"\n'
+            f'[engine]\ntoken_dir = "{token_dir}"\nwrapper_dir = "{work}/wrappers"\n'
         )
+        # As an administrator installs them, on each node.
+        installed = run_engine(config, "install-wrappers")
+        assert installed.returncode == 0, installed.stderr
         config.chmod(0o644)
         # The shipped scripts, with this checkout's engine and paths.
         task_prolog = _install(
@@ -116,33 +122,51 @@ def site(test_users: tuple[str, str]) -> Iterator[Site]:
             work / "cluster", key, task_prolog=task_prolog, epilog=epilog, open_munge=True
         )
         with cluster:
-            yield Site(cluster, work, token_dir, config)
+            rest_url = cluster.start_rest()
+            yield Site(cluster, work, token_dir, config, rest_url, "v0.0.38")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 # Each line the job prints is "name value"; the test reads them into a dict.
+# Plain Slurm commands, as a user's job script would call them: the wrappers
+# in PATH keep srun and sstat on munge and hand squeue the freshest token.
 JOB = r"""#!/bin/sh
 say() { echo "$1 $2"; }
-say batch_jwt "${SLURM_JWT:+set}"
+say batch_jwt_user "$(tokenlife-engine token >/dev/null 2>&1 && echo "$SLURM_JWT" | cut -d. -f2)"
 say batch_file "$SLURM_JWT_FILE"
-say batch_exec_squeue "$(tokenlife-engine exec -- squeue -h -j "$SLURM_JOB_ID" -o %u 2>&1)"
-token=$(tokenlife-engine token)
-say batch_token_squeue "$(SLURM_JWT=$token squeue -h -j "$SLURM_JOB_ID" -o %u 2>&1)"
-srun sh -c '
+say batch_squeue "$(squeue -h -j "$SLURM_JOB_ID" -o %u 2>&1)"
+say batch_garbage "$(SLURM_JWT=garbage squeue -h >/dev/null 2>&1 && echo accepted || echo refused)"
+say srun "$(srun -n1 true 2>&1 && echo ok)"
+srun -n1 sh -c '
   echo "step_jwt ${SLURM_JWT:+set}"
   echo "step_squeue $(squeue -h -j "$SLURM_JOB_ID" -o %u 2>&1)"
-  SLURM_JWT=garbage squeue -h >/dev/null 2>&1 || echo "step_garbage refused"'
-say srun "$(srun hostname >/dev/null 2>&1 && echo ok)"
-srun sleep 120 &
+  echo "step_nested $(srun -n1 --overlap true 2>&1 && echo ok)"
+  echo "step_nested_deeper $(srun -n1 --overlap sh -c "srun -n1 --overlap true && echo ok" 2>&1)"'
+say rest "$(python3 "$WORK/rest.py" 2>&1)"
+srun -n1 --overlap --job-name=sleeper sleep 120 2>/dev/null &
 for i in $(seq 240); do  # until the step runs (a loaded machine may take a while)
-  out=$(sstat -n -o JobID -j "$SLURM_JOB_ID.2" 2>&1)
-  case "$(echo $out)" in *[0-9].2) break ;; esac
+  step=$(squeue -h -s -j "$SLURM_JOB_ID" -o "%i %j" | awk '$2 == "sleeper" { print $1 }')
+  [ -n "$step" ] && out=$(sstat -n -o JobID -j "$step" 2>&1) \
+    && [ "$(echo $out)" = "$step" ] && break
   sleep 0.25
 done
-say sstat "$(echo $out)"
-scancel "$SLURM_JOB_ID.2" 2>/dev/null; kill %1 2>/dev/null
+say sstat "$(echo $out) $step"
+scancel "$step" 2>/dev/null; kill %1 2>/dev/null
 wait
+"""
+
+# A REST request with the job's SLURM_JWT, from inside the job.
+REST = r"""
+import json, os, urllib.request, urllib.error
+user, token = os.environ["USER"], os.environ["SLURM_JWT"]
+headers = {"X-SLURM-USER-NAME": user, "X-SLURM-USER-TOKEN": token}
+req = urllib.request.Request(os.environ["REST_URL"], headers=headers)
+try:
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        print(resp.status, len(json.load(resp).get("errors") or []))
+except urllib.error.HTTPError as err:
+    print(err.code, "errors")
 """
 
 
@@ -151,40 +175,109 @@ def parse(output: str) -> dict[str, str]:
     return {k: v.strip() for k, _, v in pairs}
 
 
-def test_jobs_get_a_working_jwt_and_srun_and_sstat_keep_working(
+def claims(payload: str) -> dict[str, object]:
+    import base64
+    import json
+
+    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert isinstance(data, dict)
+    return data
+
+
+def test_every_step_has_a_working_jwt_and_srun_and_sstat_keep_working(
     site: Site, test_users: tuple[str, str]
 ) -> None:
     alice, _ = test_users
-    token_file = site.deliver(alice, site.mint(alice))
-    # Submitted with a token of the submitter's own (it reaches the job):
-    # the batch step must not keep it, or srun would break.
-    submit_env = {"SLURM_JWT": site.cluster.scontrol_token(alice, 600)}
-    out = parse(site.run_job(alice, JOB, env=submit_env))
-    assert out.get("batch_jwt", "") == "", out  # no SLURM_JWT where srun runs
-    assert out["batch_file"] == str(token_file), out
-    assert out["batch_exec_squeue"] == alice, out
-    assert out["batch_token_squeue"] == alice, out
-    assert out["step_jwt"] == "set", out  # srun-launched steps get it...
-    assert out["step_squeue"] == alice, out  # ...and it works
-    assert out["step_garbage"] == "refused", out  # (so squeue really used JWT)
-    assert out["srun"] == "ok", out
-    job_step = out["sstat"].split()
-    assert len(job_step) == 1 and job_step[0].endswith(".2"), out
+    delivered = site.mint(alice)
+    token_file = site.deliver(alice, delivered)
+    (site.work / "rest.py").write_text(REST)
+    rest = f"{site.rest_url}/slurm/{site.rest_api}/diag"
+    # The submitter's own token reaches the job (it expires as the job
+    # starts): the delivered one must replace it, in every step.
+    submitted = site.cluster.scontrol_token(alice, 2)
+    env = {"SLURM_JWT": submitted, "WORK": str(site.work), "REST_URL": rest}
+    output = site.run_job(alice, JOB, env=env)
+    out = parse(output)
+    assert out["batch_jwt_user"] == delivered.split(".")[1], output
+    assert claims(out["batch_jwt_user"])["sun"] == alice, output
+    assert out["batch_file"] == str(token_file), output
+    assert out["batch_squeue"] == alice, output
+    assert out["batch_garbage"] == "refused", output  # with SLURM_JWT set, JWT only
+    assert out["srun"] == "ok", output
+    assert out["step_jwt"] == "set", output
+    assert out["step_squeue"] == alice, output
+    assert out["step_nested"] == "ok", output
+    assert out["step_nested_deeper"] == "ok", output
+    assert out["rest"] == "200 0", output
+    step = out.get("sstat", "").split()
+    assert len(step) == 2 and step[0] == step[1], output  # sstat saw the step, and said no more
+    assert "error" not in output.lower(), output
 
 
-def test_the_trap_is_real_when_a_job_asks_for_jwt_everywhere(
+def test_squeue_in_the_batch_step_gets_the_token_delivered_after_the_job_started(
     site: Site, test_users: tuple[str, str]
 ) -> None:
+    """The variable was captured at task start; the wrapper reads the file."""
+    alice, _ = test_users
+    site.deliver(alice, site.mint(alice, "--lifetime", "4"))
+    fresh = site.mint(alice)
+    script = (
+        "#!/bin/sh\n"
+        'echo "before $(squeue -h -j "$SLURM_JOB_ID" -o %u 2>&1)"\n'
+        f'while [ "$(cat "$SLURM_JWT_FILE")" != "{fresh}" ]; do sleep 0.2; done\n'
+        "sleep 5\n"  # the token the task started with has expired by now
+        'echo "after $(squeue -h -j "$SLURM_JOB_ID" -o %u 2>&1)"\n'
+        # the real squeue, with the variable as the task got it
+        'echo "stale $(/usr/bin/squeue -h >/dev/null 2>&1 || echo refused)"\n'
+    )
+
+    def redeliver() -> None:
+        time.sleep(2)
+        site.deliver(alice, fresh)
+
+    import threading
+
+    thread = threading.Thread(target=redeliver)
+    thread.start()
+    try:
+        out = parse(site.run_job(alice, script))
+    finally:
+        thread.join()
+    assert out == {"before": alice, "after": alice, "stale": "refused"}, out
+
+
+def test_the_old_modes_stay_available(site: Site, test_users: tuple[str, str]) -> None:
+    alice, _ = test_users
+    site.deliver(alice, site.mint(alice))
+    script = (
+        "#!/bin/sh\n"
+        'echo "batch_jwt ${SLURM_JWT:+set}"\n'
+        "srun -n1 sh -c 'echo \"step_jwt ${SLURM_JWT:+set}\"'\n"
+        'echo "srun $(srun -n1 true 2>&1 && echo ok)"\n'
+    )
+    out = parse(site.run_job(alice, script, env={"TOKENLIFE_EXPORT_JWT": "steps"}))
+    assert out == {"batch_jwt": "", "step_jwt": "set", "srun": "ok"}, out
+    out = parse(site.run_job(alice, script, env={"TOKENLIFE_EXPORT_JWT": "never"}))
+    assert out == {"batch_jwt": "", "step_jwt": "", "srun": "ok"}, out
+
+
+def test_the_trap_is_real_without_the_wrappers(site: Site, test_users: tuple[str, str]) -> None:
     alice, _ = test_users
     site.deliver(alice, site.mint(alice))
     script = (
         "#!/bin/sh\n"
         'echo "batch_jwt ${SLURM_JWT:+set}"\n'
         'echo "squeue $(squeue -h -j "$SLURM_JOB_ID" -o %u 2>&1)"\n'
-        'srun hostname >/dev/null 2>&1 && echo "srun ok" || echo "srun failed"\n'
+        'srun -n1 true >/dev/null 2>&1 && echo "srun ok" || echo "srun failed"\n'
     )
-    # TOKENLIFE_EXPORT_JWT=always: the job's own choice, passed by sbatch.
-    out = parse(site.run_job(alice, script, env={"TOKENLIFE_EXPORT_JWT": "always"}))
+    original = site.config.read_text()
+    site.config.write_text(
+        original.replace(f'wrapper_dir = "{site.work}/wrappers"', 'wrapper_dir = ""')
+    )
+    try:
+        out = parse(site.run_job(alice, script))
+    finally:
+        site.config.write_text(original)
     assert out["batch_jwt"] == "set" and out["squeue"] == alice, out
     assert out["srun"] == "failed", out
 

@@ -1,11 +1,18 @@
 """The whole suite at once, on a job that outlives its token many times over.
 
 A real ``tokenlife serve`` (renewer plus SSH delivery, ticking every second)
-keeps a 20-second token alive (renew-until 1 h). The job runs for more than
-five token lifetimes on node01, a real sshd node whose slurmd runs in the
-node's mount namespace, under ``tokenlife-engine run``. Every few seconds it
-calls ``tokenlife-engine exec -- squeue`` (JWT only: SLURM_JWT is set), and a
-sampler checks ``$SLURM_JWT_FILE`` five times a second for an expired token.
+keeps a 10-second token alive (renew-until 1 h). The job runs for eleven
+token lifetimes on node01, a real sshd node whose slurmd runs in the node's
+mount namespace, with the shipped defaults (SLURM_JWT in every step, the
+Slurm wrappers first in PATH). Two things run side by side in it:
+
+* the batch step calls plain ``squeue`` every two seconds: its SLURM_JWT was
+  captured when the job started and expires after ten seconds, so every call
+  after that succeeds only because the wrapper hands squeue the token that
+  was delivered since (and JWT is all squeue uses while SLURM_JWT is set);
+* under ``tokenlife-engine run``, ``tokenlife-engine exec -- squeue`` every
+  few seconds, and a sampler that checks ``$SLURM_JWT_FILE`` five times a
+  second for an expired token.
 """
 
 from __future__ import annotations
@@ -20,15 +27,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool, run_cli, tokenlife_bin
+from tests.conftest import require_tool, run_cli, run_engine, tokenlife_bin
 from tests.integration.conftest import SLURM_TOOLS, write_hs_key
 from tests.integration.harness.slurm import SlurmCluster
 from tests.integration.harness.sshnodes import SshNodes
 
 pytestmark = pytest.mark.slurm
 NODE = "node01"
-LIFETIME = 20
-JOB_SECONDS = 110  # 5.5 lifetimes
+LIFETIME = 10
+JOB_SECONDS = 110  # 11 lifetimes
 
 
 @dataclass
@@ -61,6 +68,21 @@ while time.time() < end:
 print(f"sampler samples={samples} missing={missing} tokens={len(seen)} worst={worst:.2f}")
 """
 
+# The batch step itself: plain squeue, as any job script calls it.
+PLAIN = r"""
+end=$(( $(date +%s) + SECONDS_TO_RUN ))
+ok=0; failed=0
+while [ "$(date +%s)" -lt "$end" ]; do
+  if out=$(squeue -h -j "$SLURM_JOB_ID" -o %i 2>&1) && [ "$out" = "$SLURM_JOB_ID" ]; then
+    ok=$((ok + 1))
+  else
+    failed=$((failed + 1)); echo "batch squeue failed at $(date +%s): $out"
+  fi
+  sleep 2
+done
+echo "plain plain_ok=$ok plain_failed=$failed"
+"""
+
 INNER = r"""
 python3 "$WORK/sampler.py" "$SECONDS_TO_RUN" &
 end=$(( $(date +%s) + SECONDS_TO_RUN ))
@@ -91,9 +113,16 @@ def site(test_users: tuple[str, str]) -> Iterator[Site]:
         key = write_hs_key(work / "jwt_hs256.key")
         (work / "sampler.py").write_text(SAMPLER)
         (work / "inner.sh").write_text(INNER)
+        (work / "plain.sh").write_text(PLAIN)
         engine = Path(tokenlife_bin()).with_name("tokenlife-engine")
+        # The node's engine: the defaults, but the wrappers installed here.
+        engine_config = work / "engine.toml"
+        engine_config.write_text(f'[engine]\nwrapper_dir = "{work}/wrappers"\n')
+        engine_config.chmod(0o644)
+        installed = run_engine(engine_config, "install-wrappers")
+        assert installed.returncode == 0, installed.stderr
         prolog = work / "taskprolog.sh"
-        prolog.write_text(f"#!/bin/sh\n{engine} env\nexit 0\n")
+        prolog.write_text(f"#!/bin/sh\nTOKENLIFE_CONFIG={engine_config} {engine} env\nexit 0\n")
         prolog.chmod(0o755)
         with SshNodes(work / "ssh", 1) as nodes:
             enter = ["nsenter", f"--target={nodes[NODE].pid}", "--mount", "--"]
@@ -108,7 +137,7 @@ def site(test_users: tuple[str, str]) -> Iterator[Site]:
             config = work / "tokenlife.toml"
             config.write_text(
                 f'[key]\npath = "{key}"\n'
-                f'[token]\nlifetime = "{LIFETIME}"\nrenew_until = "1h"\nrenew_before = "10"\n'
+                f'[token]\nlifetime = "{LIFETIME}"\nrenew_until = "1h"\nrenew_before = "5"\n'
                 f'[store]\nurl = "sqlite:///{work}/db.sqlite"\nspool_dir = "{work}/spool"\n'
                 f'[login]\ntoken_dir = "{work}/login"\n'
                 '[serve]\ninterval = "1"\nmetrics = ""\n'
@@ -132,18 +161,23 @@ def test_long_job_keeps_a_valid_token_for_its_whole_life(
     alice, _ = test_users
     proc = run_cli("-c", str(site.config), "mint", alice, "--local")
     assert proc.returncode == 0, proc.stderr
-    serve = subprocess.Popen(
-        [tokenlife_bin(), "-c", str(site.config), "-v", "serve"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # A file, not a pipe: nobody reads a pipe while the job runs, and a
+    # full one would stall the daemon's logging, and with it its renewals.
+    serve_log_path = site.work / "serve.log"
+    with open(serve_log_path, "wb") as log:
+        serve = subprocess.Popen(
+            [tokenlife_bin(), "-c", str(site.config), "-v", "serve"],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     try:
         script = site.work / "job.sh"
         script.write_text(
             "#!/bin/sh\n"
             f"export WORK={site.work} SECONDS_TO_RUN={JOB_SECONDS}\n"
-            f"exec tokenlife-engine run -- /bin/sh {site.work}/inner.sh\n"
+            f"tokenlife-engine run -- /bin/sh {site.work}/inner.sh &\n"
+            f"/bin/sh {site.work}/plain.sh\n"
+            "wait\n"
         )
         script.chmod(0o755)
         path = f"{Path(tokenlife_bin()).parent}:/usr/local/bin:/usr/bin:/bin"
@@ -168,18 +202,20 @@ def test_long_job_keeps_a_valid_token_for_its_whole_life(
         except subprocess.TimeoutExpired:
             serve.kill()
             serve.wait()
-    assert serve.stderr is not None
-    serve_log = serve.stderr.read()
-    serve.stderr.close()
+    serve_log = serve_log_path.read_text()
     output = (site.work / "jobs" / f"out-{job}").read_text()
     stats = dict(
         pair.split("=")
         for line in output.splitlines()
-        if line.startswith(("calls ", "sampler "))
+        if line.startswith(("calls ", "sampler ", "plain "))
         for pair in line.split()[1:]
     )
     context = f"{output}\n--- serve ---\n{serve_log[-3000:]}"
     assert int(stats["failed"]) == 0 and int(stats["ok"]) >= JOB_SECONDS // 4, context
+    # Plain squeue in the batch step: every call worked, long after the
+    # token the step started with had expired.
+    assert int(stats["plain_failed"]) == 0, context
+    assert int(stats["plain_ok"]) >= JOB_SECONDS // 3, context
     # The token was renewed and re-delivered many times while the job ran ...
     assert int(stats["tokens"]) >= JOB_SECONDS // LIFETIME, context
     # ... and the job's file never held an expired token for more than a second.

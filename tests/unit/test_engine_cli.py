@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from client_engine.wrappers import install
 from tests.conftest import require_root, run_engine
 
 UID = os.getuid()
@@ -30,14 +31,27 @@ def make_token(sun: str = USER, ttl: int = 600, iat: int | None = None) -> str:
 
 
 class Node:
-    """A worker node's token directory and an engine config pointing at it."""
+    """A worker node's token directory and an engine config pointing at it.
 
-    def __init__(self, root: Path, extra: str = "") -> None:
+    With ``wrappers``, the Slurm wrappers are installed and configured (the
+    default settings); without, there are none and the mode is "steps"
+    unless ``extra`` sets one (the settings before the wrappers existed).
+    """
+
+    def __init__(self, root: Path, extra: str = "", wrappers: bool = False) -> None:
         self.token_dir = root / "run"
         self.user_dir = self.token_dir / str(UID)
         self.user_dir.mkdir(parents=True, mode=0o700)
         self.file = self.user_dir / "slurm_jwt"
         self.config = root / "tokenlife.toml"
+        self.wrapper_dir = root / "wrappers"
+        if wrappers:
+            install(str(self.wrapper_dir))
+            extra += f'wrapper_dir = "{self.wrapper_dir}"\n'
+        else:
+            extra += 'wrapper_dir = ""\n' + (
+                "" if "export_jwt" in extra else 'export_jwt = "steps"\n'
+            )
         self.config.write_text(f'[engine]\ntoken_dir = "{self.token_dir}"\n{extra}')
 
     def deliver(self, token: str, mode: int = 0o600) -> str:

@@ -540,7 +540,9 @@ class Node:
         self.user_dir.mkdir(parents=True, mode=0o700)
         self.file = self.user_dir / "slurm_jwt"
         self.config = root / "tokenlife.toml"
-        self.config.write_text(f'[engine]\ntoken_dir = "{self.token_dir}"\nexport_jwt = "steps"\n')
+        self.config.write_text(
+            f'[engine]\ntoken_dir = "{self.token_dir}"\nexport_jwt = "steps"\nwrapper_dir = ""\n'
+        )
 
     def private_file(self, path: Path, token: str, mode: int = 0o600, uid: int = UID) -> Path:
         path.write_text(token + "\n")
