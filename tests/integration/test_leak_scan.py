@@ -118,7 +118,8 @@ class Site:
             f'[delivery]\ntransport = "local"\nroot = "{w}/nodes"\n'
             'remote_dir = "/run/tokenlife"\njobs = "static"\n\n'
             f"[delivery.static]\n{USER} = {json.dumps(list(NODES))}\n\n"
-            f'[engine]\ntoken_dir = "{w}/nodes/{NODES[0]}/run/tokenlife"\nexport_jwt = "steps"\n\n'
+            f'[engine]\ntoken_dir = "{w}/nodes/{NODES[0]}/run/tokenlife"\n'
+            'export_jwt = "steps"\nwrapper_dir = ""\n\n'
             f'[serve]\ninterval = "1h"\nmetrics = "127.0.0.1:{self.port}"\n'
         )
         self.config.chmod(0o644)  # the engine reads it as the job's user

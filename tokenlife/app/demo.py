@@ -181,7 +181,8 @@ class Demo:
             f'remote_dir = {_toml(REMOTE_DIR)}\njobs = "static"\n\n'
             f"[delivery.static]\n{_toml(self.user)} = [{nodes}]\n\n"
             f"# read by tokenlife-engine on {NODES[0]}\n"
-            f'[engine]\ntoken_dir = {_toml(node01)}\nexport_jwt = "steps"\n\n'
+            f'[engine]\ntoken_dir = {_toml(node01)}\nexport_jwt = "steps"\n'
+            'wrapper_dir = ""  # no Slurm here: no wrappers for its commands\n\n'
             f'[serve]\nmetrics = ""\n'
         )
 
