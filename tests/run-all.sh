@@ -12,6 +12,8 @@ PACKAGES=(
   openssh-server openssh-client pamtester libpam-modules
   postgresql
   systemd util-linux
+  # Slurm 24.11 runs from a Debian 13 root the tests build (and cache) with these.
+  debootstrap debian-archive-keyring
 )
 if [ "$(id -u)" = 0 ]; then
   missing=()

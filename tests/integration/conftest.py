@@ -12,21 +12,91 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require, require_root, require_tool
-from tests.integration.harness.slurm import SlurmCluster
+from tests.conftest import REPO, require, require_root, require_tool
+from tests.integration.harness.slurm import SlurmCluster, SlurmFacts, slurm_facts
+from tests.integration.harness.sysroot import SLURM_24_11, RootBuildError, ensure_root
 from tests.integration.harness.users import ALICE, BOB, ensure_user
 
 SLURM_TOOLS = ("slurmctld", "slurmd", "slurmrestd", "scontrol", "squeue", "munged")
+# The Slurm releases the Slurm tests run against: the host's (Debian 12), and
+# Debian 13's in a debootstrap root (built once, cached; harness/sysroot.py).
+HOST_SLURM = "22.05"
+SLURM_VERSIONS = (HOST_SLURM, SLURM_24_11.slurm_series)
+# Tools the host needs to enter a system root (building one needs debootstrap too).
+ROOT_TOOLS = ("unshare", "nsenter", "chroot", "mount")
+
+
+@dataclass(frozen=True)
+class SlurmTarget:
+    """One Slurm release to test: pass ``system_root`` to :class:`SlurmCluster`."""
+
+    version: str
+    system_root: Path | None  # None: the host's own Slurm
+    facts: SlurmFacts
+
+    def check(self, cluster: SlurmCluster) -> None:
+        """Fail loudly if the cluster runs another release than the one asked for."""
+        assert cluster.version == self.version, (cluster.version, self.version)
+
+
+def require_host_slurm() -> None:
+    """The host's Slurm with its JWT plugin (what tests/run-all.sh installs)."""
+    require_root()
+    require_tool(*SLURM_TOOLS)
+    require(
+        Path("/usr/lib/x86_64-linux-gnu/slurm-wlm/auth_jwt.so").exists()
+        or bool(list(Path("/usr/lib").glob("*/slurm-wlm/auth_jwt.so"))),
+        "needs slurm-wlm-jwt-plugin",
+    )
+
+
+@pytest.fixture(scope="session")
+def slurm_24_11_root() -> Path:
+    """Debian 13's Slurm 24.11 in a system root: built on first use (~1 min), then cached."""
+    require_root()
+    require_tool(*ROOT_TOOLS)
+    try:
+        return ensure_root(SLURM_24_11)
+    except RootBuildError as err:  # e.g. no mirror reachable: a missing component
+        require(False, f"cannot build the Slurm 24.11 root: {err}")
+        raise
+
+
+def slurm_target_for(request: pytest.FixtureRequest, version: str) -> SlurmTarget:
+    """The :class:`SlurmTarget` of ``version``, its requirements checked (a root built)."""
+    if version == HOST_SLURM:
+        require_host_slurm()
+        return SlurmTarget(version, None, slurm_facts(version))
+    if version == SLURM_24_11.slurm_series:
+        root: Path = request.getfixturevalue("slurm_24_11_root")
+        return SlurmTarget(version, root, slurm_facts(version))
+    raise ValueError(f"unknown Slurm release {version!r}: known {SLURM_VERSIONS}")
+
+
+@pytest.fixture(scope="module", params=SLURM_VERSIONS, ids=lambda v: f"slurm{v}")
+def slurm_target(request: pytest.FixtureRequest) -> SlurmTarget:
+    """Each Slurm release in turn (module scope: one cluster per release and module)."""
+    return slurm_target_for(request, str(request.param))
 
 
 @dataclass
 class SlurmSite:
-    """A running cluster that trusts ``hs_key`` (HS256) and ``rsa_key`` (RS256, via jwks)."""
+    """A running cluster that trusts ``hs_key`` (HS256) and ``rsa_key`` (RS256, via jwks).
+
+    Its jobs run the shipped TaskProlog with the cluster's ``tokenlife-engine``,
+    configured by ``engine_config``, reading tokens from ``engine_dir``.
+    """
 
     cluster: SlurmCluster
     work: Path
     hs_key: Path
     rsa_key: Path
+    engine_config: Path
+    engine_dir: Path
+
+    @property
+    def facts(self) -> SlurmFacts:
+        return self.cluster.facts
 
     def config(
         self, name: str, extra: str = "", key: Path | None = None, rs256: bool = False
@@ -76,15 +146,8 @@ def test_users() -> tuple[str, str]:
     return ALICE, BOB
 
 
-@pytest.fixture(scope="session")
-def slurm(test_users: tuple[str, str]) -> Iterator[SlurmSite]:
-    require_root()
-    require_tool(*SLURM_TOOLS)
-    require(
-        Path("/usr/lib/x86_64-linux-gnu/slurm-wlm/auth_jwt.so").exists()
-        or bool(list(Path("/usr/lib").glob("*/slurm-wlm/auth_jwt.so"))),
-        "needs slurm-wlm-jwt-plugin",
-    )
+@pytest.fixture(scope="module")
+def slurm(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[SlurmSite]:
     work = Path(tempfile.mkdtemp(prefix="tl-slurm-"))
     work.chmod(0o755)
     try:
@@ -99,12 +162,38 @@ def slurm(test_users: tuple[str, str]) -> Iterator[SlurmSite]:
         assert result.returncode == 0, result.stderr
         jwks = work / "jwks.json"
         jwks.write_text(result.stdout)
-        cluster = SlurmCluster(work / "cluster", hs_key, jwks=jwks)
+        engine_dir, jobs = work / "engine-run", work / "jobs"
+        engine_dir.mkdir(mode=0o755)
+        jobs.mkdir()
+        jobs.chmod(0o1777)
+        engine_config = work / "engine.toml"
+        engine_config.write_text(f'[engine]\ntoken_dir = "{engine_dir}"\n')
+        engine_config.chmod(0o644)
+        task_prolog = work / "taskprolog.sh"
+        cluster = SlurmCluster(
+            work / "cluster",
+            hs_key,
+            jwks=jwks,
+            task_prolog=task_prolog,
+            system_root=slurm_target.system_root,
+        )
+        write_task_prolog(task_prolog, cluster.engine, engine_config)
         cluster.start()
         try:
+            slurm_target.check(cluster)
             cluster.start_rest()
-            yield SlurmSite(cluster, work, hs_key, rsa_key)
+            yield SlurmSite(cluster, work, hs_key, rsa_key, engine_config, engine_dir)
         finally:
             cluster.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def write_task_prolog(path: Path, engine: Path, config: Path) -> Path:
+    """The shipped TaskProlog (systemd/slurm/taskprolog.sh) with ``engine`` and ``config``."""
+    shipped = "ENGINE=/usr/local/bin/tokenlife-engine"
+    text = (REPO / "systemd" / "slurm" / "taskprolog.sh").read_text()
+    assert shipped in text, f"taskprolog.sh no longer says {shipped!r}"
+    path.write_text(text.replace(shipped, f"ENGINE={engine}\nexport TOKENLIFE_CONFIG={config}", 1))
+    path.chmod(0o755)
+    return path

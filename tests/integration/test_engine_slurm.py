@@ -1,6 +1,8 @@
 """tokenlife-engine in real Slurm jobs: the shipped TaskProlog and Epilog
 (systemd/slurm/) configured in a real slurmctld/slurmd, jobs submitted by an
-ordinary user.
+ordinary user, on each Slurm release (22.05 on the host, 24.11 in a Debian 13
+root: tests/integration/harness/sysroot.py). The Slurm command wrappers are
+installed as an administrator does (``tokenlife-engine install-wrappers``).
 
 Here users may use munge, as on a real cluster (srun needs it: slurmd never
 accepts JWT). That a client really used JWT is shown by the same client
@@ -22,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, require, require_tool, run_cli, run_engine, tokenlife_bin
-from tests.integration.conftest import SLURM_TOOLS, write_hs_key
-from tests.integration.harness.slurm import SlurmCluster
+from tests.integration.conftest import SLURM_TOOLS, SlurmTarget, write_hs_key, write_task_prolog
+from tests.integration.harness.slurm import SlurmCluster, SlurmFacts
 
 pytestmark = pytest.mark.slurm
 SLURM_DIR = REPO / "systemd" / "slurm"
@@ -35,9 +37,11 @@ class Site:
     work: Path
     token_dir: Path
     config: Path
-
     rest_url: str
-    rest_api: str
+
+    @property
+    def facts(self) -> SlurmFacts:
+        return self.cluster.facts
 
     def mint(self, user: str, *extra: str) -> str:
         proc = run_cli("-c", str(self.config), "mint", user, "--local", "--print", *extra)
@@ -62,7 +66,8 @@ class Site:
         path.write_text(script)
         path.chmod(0o755)
         argv = ["sbatch", "--parsable", f"--output={self.work}/jobs/out-%j", str(path)]
-        proc = self.cluster.run_as(user, argv, env={"PATH": _path(), **(env or {})})
+        job_env = {"PATH": self.cluster.job_path(), **(env or {})}
+        proc = self.cluster.run_as(user, argv, env=job_env)
         assert proc.returncode == 0, proc.stderr
         job = proc.stdout.strip().split(";")[0]
         deadline = time.monotonic() + 90
@@ -83,8 +88,9 @@ def _install(src: Path, dst: Path, replace: dict[str, str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def site(test_users: tuple[str, str]) -> Iterator[Site]:
-    require_tool(*SLURM_TOOLS, "srun", "sstat")
+def site(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[Site]:
+    if slurm_target.system_root is None:
+        require_tool(*SLURM_TOOLS, "srun", "sstat")
     engine = Path(tokenlife_bin()).with_name("tokenlife-engine")
     require(engine.exists(), f"{engine} missing: install the project")
     work = Path(tempfile.mkdtemp(prefix="tl-engine-"))
@@ -106,24 +112,24 @@ def site(test_users: tuple[str, str]) -> Iterator[Site]:
         installed = run_engine(config, "install-wrappers")
         assert installed.returncode == 0, installed.stderr
         config.chmod(0o644)
-        # The shipped scripts, with this checkout's engine and paths.
-        task_prolog = _install(
-            SLURM_DIR / "taskprolog.sh",
-            work / "taskprolog.sh",
-            {
-                "ENGINE=/usr/local/bin/tokenlife-engine": f"ENGINE={engine}\n"
-                f"export TOKENLIFE_CONFIG={config}"
-            },
-        )
+        # The shipped scripts, with the cluster's engine and this site's paths.
+        task_prolog = work / "taskprolog.sh"
         epilog = _install(
             SLURM_DIR / "epilog.sh", work / "epilog.sh", {"/run/tokenlife": str(token_dir)}
         )
         cluster = SlurmCluster(
-            work / "cluster", key, task_prolog=task_prolog, epilog=epilog, open_munge=True
+            work / "cluster",
+            key,
+            task_prolog=task_prolog,
+            epilog=epilog,
+            open_munge=True,
+            system_root=slurm_target.system_root,
         )
+        write_task_prolog(task_prolog, cluster.engine, config)
         with cluster:
+            slurm_target.check(cluster)
             rest_url = cluster.start_rest()
-            yield Site(cluster, work, token_dir, config, rest_url, "v0.0.38")
+            yield Site(cluster, work, token_dir, config, rest_url)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -156,17 +162,23 @@ scancel "$step" 2>/dev/null; kill %1 2>/dev/null
 wait
 """
 
-# A REST request with the job's SLURM_JWT, from inside the job.
+# REST requests with the job's SLURM_JWT, from inside the job: with the
+# X-SLURM-USER-* headers, and with Authorization: Bearer.
 REST = r"""
 import json, os, urllib.request, urllib.error
 user, token = os.environ["USER"], os.environ["SLURM_JWT"]
-headers = {"X-SLURM-USER-NAME": user, "X-SLURM-USER-TOKEN": token}
-req = urllib.request.Request(os.environ["REST_URL"], headers=headers)
-try:
-    with urllib.request.urlopen(req, timeout=20) as resp:
-        print(resp.status, len(json.load(resp).get("errors") or []))
-except urllib.error.HTTPError as err:
-    print(err.code, "errors")
+results = []
+for headers in (
+    {"X-SLURM-USER-NAME": user, "X-SLURM-USER-TOKEN": token},
+    {"X-SLURM-USER-NAME": user, "Authorization": "Bearer " + token},
+):
+    req = urllib.request.Request(os.environ["REST_URL"], headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            results.append(f"{resp.status}/{len(json.load(resp).get('errors') or [])}")
+    except urllib.error.HTTPError as err:
+        results.append(str(err.code))
+print(" ".join(results))
 """
 
 
@@ -191,7 +203,7 @@ def test_every_step_has_a_working_jwt_and_srun_and_sstat_keep_working(
     delivered = site.mint(alice)
     token_file = site.deliver(alice, delivered)
     (site.work / "rest.py").write_text(REST)
-    rest = f"{site.rest_url}/slurm/{site.rest_api}/diag"
+    rest = site.rest_url + site.facts.rest("diag")
     # The submitter's own token reaches the job (it expires as the job
     # starts): the delivered one must replace it, in every step.
     submitted = site.cluster.scontrol_token(alice, 2)
@@ -208,7 +220,8 @@ def test_every_step_has_a_working_jwt_and_srun_and_sstat_keep_working(
     assert out["step_squeue"] == alice, output
     assert out["step_nested"] == "ok", output
     assert out["step_nested_deeper"] == "ok", output
-    assert out["rest"] == "200 0", output
+    bearer = "200/0" if site.facts.bearer_accepted else str(site.facts.bearer_refused_http)
+    assert out["rest"] == f"200/0 {bearer}", output
     step = out.get("sstat", "").split()
     assert len(step) == 2 and step[0] == step[1], output  # sstat saw the step, and said no more
     assert "error" not in output.lower(), output
@@ -316,8 +329,3 @@ def test_epilog_removes_the_jobs_copies_only(site: Site, test_users: tuple[str, 
         assert time.monotonic() < deadline, site.cluster.logs()
         time.sleep(0.2)
     assert token_file.exists() and other.exists()
-
-
-def _path() -> str:
-    """PATH for the job: the engine of this checkout first."""
-    return f"{Path(tokenlife_bin()).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"

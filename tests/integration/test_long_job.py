@@ -17,6 +17,7 @@ Slurm wrappers first in PATH). Two things run side by side in it:
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool, run_cli, run_engine, tokenlife_bin
-from tests.integration.conftest import SLURM_TOOLS, write_hs_key
+from tests.integration.conftest import SLURM_TOOLS, SlurmTarget, write_hs_key, write_task_prolog
 from tests.integration.harness.slurm import SlurmCluster
 from tests.integration.harness.sshnodes import SshNodes
 
@@ -102,55 +103,79 @@ echo "calls ok=$ok failed=$failed"
 
 
 @pytest.fixture(scope="module")
-def site(test_users: tuple[str, str]) -> Iterator[Site]:
-    require_tool(*SLURM_TOOLS, "sshd", "unshare", "nsenter", "ssh-keygen", "python3")
+def site(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[Site]:
+    """22.05: delivery over SSH to a real sshd node whose namespace slurmd runs
+    in. 24.11 (in its system root): local delivery into a directory the root
+    shares; the renewal, the wrappers and the engine are the same."""
+    require_tool("python3")
+    if slurm_target.system_root is None:
+        require_tool(*SLURM_TOOLS, "sshd", "unshare", "nsenter", "ssh-keygen")
     alice, _ = test_users
     work = Path(tempfile.mkdtemp(prefix="tl-longjob-"))
     work.chmod(0o755)
     try:
-        (work / "jobs").mkdir()
-        (work / "jobs").chmod(0o1777)
-        key = write_hs_key(work / "jwt_hs256.key")
-        (work / "sampler.py").write_text(SAMPLER)
-        (work / "inner.sh").write_text(INNER)
-        (work / "plain.sh").write_text(PLAIN)
-        engine = Path(tokenlife_bin()).with_name("tokenlife-engine")
-        # The node's engine: the defaults, but the wrappers installed here.
-        engine_config = work / "engine.toml"
-        engine_config.write_text(f'[engine]\nwrapper_dir = "{work}/wrappers"\n')
-        engine_config.chmod(0o644)
-        installed = run_engine(engine_config, "install-wrappers")
-        assert installed.returncode == 0, installed.stderr
-        prolog = work / "taskprolog.sh"
-        prolog.write_text(f"#!/bin/sh\nTOKENLIFE_CONFIG={engine_config} {engine} env\nexit 0\n")
-        prolog.chmod(0o755)
-        with SshNodes(work / "ssh", 1) as nodes:
-            enter = ["nsenter", f"--target={nodes[NODE].pid}", "--mount", "--"]
-            cluster = SlurmCluster(
-                work / "cluster",
-                key,
-                task_prolog=prolog,
-                node_name=NODE,
-                slurmd_prefix=enter,
-                open_munge=True,
-            )
+        with contextlib.ExitStack() as stack:
+            (work / "jobs").mkdir()
+            (work / "jobs").chmod(0o1777)
+            key = write_hs_key(work / "jwt_hs256.key")
+            (work / "sampler.py").write_text(SAMPLER)
+            (work / "inner.sh").write_text(INNER)
+            (work / "plain.sh").write_text(PLAIN)
             config = work / "tokenlife.toml"
-            config.write_text(
+            config_text = (
                 f'[key]\npath = "{key}"\n'
                 f'[token]\nlifetime = "{LIFETIME}"\nrenew_until = "1h"\nrenew_before = "5"\n'
                 f'[store]\nurl = "sqlite:///{work}/db.sqlite"\nspool_dir = "{work}/spool"\n'
                 f'[login]\ntoken_dir = "{work}/login"\n'
                 '[serve]\ninterval = "1"\nmetrics = ""\n'
-                '[delivery]\ntransport = "ssh"\njobs = "static"\n'
                 f'[delivery.static]\n{alice} = ["{NODE}"]\n'
-                "[delivery.ssh]\n"
-                f'identity_file = "{nodes.client_key}"\n'
-                f'known_hosts = "{nodes.known_hosts}"\n'
-                f'ssh_config = "{nodes.ssh_config}"\n'
-                f"port = {nodes.port}\n"
             )
-            with cluster:
-                yield Site(cluster, work, config)
+            # The node's engine: the defaults, with the wrappers installed here.
+            engine = f'[engine]\nwrapper_dir = "{work}/wrappers"\n'
+            prolog = work / "taskprolog.sh"
+            if slurm_target.system_root is None:
+                nodes = stack.enter_context(SshNodes(work / "ssh", 1))
+                enter = ["nsenter", f"--target={nodes[NODE].pid}", "--mount", "--"]
+                cluster = SlurmCluster(
+                    work / "cluster",
+                    key,
+                    task_prolog=prolog,
+                    node_name=NODE,
+                    slurmd_prefix=enter,
+                    open_munge=True,
+                )
+                config_text += (
+                    '[delivery]\ntransport = "ssh"\njobs = "static"\n'
+                    "[delivery.ssh]\n"
+                    f'identity_file = "{nodes.client_key}"\n'
+                    f'known_hosts = "{nodes.known_hosts}"\n'
+                    f'ssh_config = "{nodes.ssh_config}"\n'
+                    f"port = {nodes.port}\n"
+                )
+            else:
+                cluster = SlurmCluster(
+                    work / "cluster",
+                    key,
+                    task_prolog=prolog,
+                    node_name=NODE,
+                    open_munge=True,
+                    system_root=slurm_target.system_root,
+                )
+                config_text += (
+                    f'[delivery]\ntransport = "local"\nroot = "{work}/nodes"\n'
+                    'remote_dir = "/run/tokenlife"\njobs = "static"\n'
+                )
+                engine += f'token_dir = "{work}/nodes/{NODE}/run/tokenlife"\n'
+            config.write_text(config_text)
+            engine_config = work / "engine.toml"
+            engine_config.write_text(engine)
+            engine_config.chmod(0o644)
+            installed = run_engine(engine_config, "install-wrappers")
+            assert installed.returncode == 0, installed.stderr
+            write_task_prolog(prolog, cluster.engine, engine_config)
+            stack.enter_context(cluster)
+            slurm_target.check(cluster)
+            yield Site(cluster, work, config)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -175,12 +200,14 @@ def test_long_job_keeps_a_valid_token_for_its_whole_life(
         script.write_text(
             "#!/bin/sh\n"
             f"export WORK={site.work} SECONDS_TO_RUN={JOB_SECONDS}\n"
+            # the node's engine settings, for run and exec as for the TaskProlog
+            f"export TOKENLIFE_CONFIG={site.work}/engine.toml\n"
             f"tokenlife-engine run -- /bin/sh {site.work}/inner.sh &\n"
             f"/bin/sh {site.work}/plain.sh\n"
             "wait\n"
         )
         script.chmod(0o755)
-        path = f"{Path(tokenlife_bin()).parent}:/usr/local/bin:/usr/bin:/bin"
+        path = site.cluster.job_path()
         argv = ["sbatch", "--parsable", f"--output={site.work}/jobs/out-%j", str(script)]
         # The first delivery must be on the node before the job starts.
         deadline = time.monotonic() + 30

@@ -1,11 +1,14 @@
-"""Tokens minted by tokenlife against a real Slurm 22.05 (slurmctld + slurmrestd).
+"""Tokens minted by tokenlife against real Slurm (slurmctld + slurmrestd), on
+every release of ``SLURM_VERSIONS``: the host's 22.05 and 24.11 in a system root.
 
 Clients run as an ordinary user who cannot reach munge, with SLURM_JWT set,
-so JWT is the only way they can authenticate.
+so JWT is the only way they can authenticate. Where the releases answer
+differently, the tests assert the release's measured facts (``SlurmFacts``).
 """
 
 from __future__ import annotations
 
+import os
 import pwd
 import time
 from pathlib import Path
@@ -22,7 +25,6 @@ from tokenlife import config as configmod
 from tokenlife.testing.fakes import FakeClock
 
 pytestmark = pytest.mark.slurm
-REST_DIAG = "/slurm/v0.0.38/diag"
 
 
 def mint(cfg: Path, user: str, *extra: str) -> str:
@@ -42,15 +44,16 @@ def squeue_as(site: SlurmSite, user: str, token: str | None) -> tuple[int, str]:
 def assert_accepted(site: SlurmSite, user: str, token: str) -> None:
     rc, err = squeue_as(site, user, token)
     assert rc == 0, f"squeue refused the token: {err}\n{site.cluster.logs()}"
-    status, body = site.cluster.rest_get(REST_DIAG, user, token)
+    # diag, not ping: 24.11 answers ping with 200 whatever the token.
+    status, body = site.cluster.rest_get(site.facts.rest("diag"), user, token)
     assert status == 200 and body.get("errors") == [], body
 
 
 def assert_rejected(site: SlurmSite, user: str, token: str) -> None:
     rc, err = squeue_as(site, user, token)
-    assert rc != 0 and "Zero Bytes were transmitted or received" in err
-    status, body = site.cluster.rest_get(REST_DIAG, user, token)
-    assert status == 500 and body.get("errors"), body
+    assert rc != 0 and site.facts.bad_token_cli_error in err, err
+    status, body = site.cluster.rest_get(site.facts.rest("diag"), user, token)
+    assert status == site.facts.bad_token_http and body.get("errors"), (status, body)
 
 
 def test_jwt_is_the_only_way_in(slurm: SlurmSite, test_users: tuple[str, str]) -> None:
@@ -121,13 +124,26 @@ def test_expired_token_rejected(
 
 
 def test_token_for_another_user_rejected(slurm: SlurmSite, test_users: tuple[str, str]) -> None:
-    """bob's token does not let alice act as alice, nor as bob (REST: name must match sun)."""
+    """bob's token never lets alice act as alice (REST: the name must match sun).
+
+    22.05 refuses the job of alice's process with bob's token; 24.11 takes the
+    user from the token alone, so the job is bob's: the token is the identity.
+    """
     alice, bob = test_users
     bobs = mint(slurm.config("bob"), bob)
-    status, body = slurm.cluster.rest_get(REST_DIAG, alice, bobs)
-    assert status == 500 and body.get("errors"), body
-    sbatch = slurm.cluster.run_as(alice, ["sbatch", "--wrap", "true"], env={"SLURM_JWT": bobs})
-    assert sbatch.returncode != 0 and "Invalid user id" in sbatch.stderr, sbatch.stderr
+    status, body = slurm.cluster.rest_get(slurm.facts.rest("diag"), alice, bobs)
+    assert status == slurm.facts.bad_token_http and body.get("errors"), (status, body)
+    argv = ["sbatch", "--parsable", "--hold", f"--output={slurm.work}/jobs/%j", "--wrap", "true"]
+    sbatch = slurm.cluster.run_as(alice, argv, env={"SLURM_JWT": bobs})
+    error = slurm.facts.foreign_token_sbatch_error
+    if error is not None:
+        assert sbatch.returncode != 0 and error in sbatch.stderr, sbatch.stderr
+        return
+    assert sbatch.returncode == 0, sbatch.stderr
+    job = sbatch.stdout.strip().split(";")[0]
+    owner = slurm.cluster.root_run(["squeue", "-h", "-j", job, "-o", "%u"]).stdout.strip()
+    slurm.cluster.root_run(["scancel", job])
+    assert owner == bob, f"job {job} of alice's process with bob's token belongs to {owner!r}"
 
 
 def test_scontrol_token_baseline_agrees(slurm: SlurmSite, test_users: tuple[str, str]) -> None:
@@ -174,3 +190,94 @@ def test_rotated_token_accepted(slurm: SlurmSite, test_users: tuple[str, str]) -
         assert_accepted(slurm, user, rotated)
     again = run_cli("-c", str(cfg), "rotate-key", "--key", str(slurm.hs_key), "--json")
     assert again.returncode == 0 and '"renewed": 0' in again.stdout, again.stdout
+
+
+def test_bearer_header(slurm: SlurmSite, test_users: tuple[str, str]) -> None:
+    """``Authorization: Bearer``: refused by 22.05 (401), accepted by 24.11.
+
+    Where accepted, X-SLURM-USER-NAME may be left out, and if given must still
+    match the token's ``sun``; a bad token is refused as in X-SLURM-USER-TOKEN.
+    """
+    alice, bob = test_users
+    facts, diag = slurm.facts, slurm.facts.rest("diag")
+    token = mint(slurm.config("hs"), alice)
+    status, body = slurm.cluster.rest_get(diag, alice, token, bearer=True)
+    if not facts.bearer_accepted:
+        assert status == facts.bearer_refused_http, (status, body)
+        return
+    assert status == 200 and body.get("errors") == [], (status, body)
+    status, body = slurm.cluster.rest_get(diag, None, token, bearer=True)
+    assert status == 200 and body.get("errors") == [], (status, body)
+    status, body = slurm.cluster.rest_get(diag, bob, token, bearer=True)
+    assert status == facts.bad_token_http and body.get("errors"), (status, body)
+    other = mint(slurm.config("wrong-hs", key=write_hs_key(slurm.work / "bearer.key")), alice)
+    status, body = slurm.cluster.rest_get(diag, None, other, bearer=True)
+    assert status == facts.bad_token_http and body.get("errors"), (status, body)
+
+
+def test_rest_user_name_header(slurm: SlurmSite, test_users: tuple[str, str]) -> None:
+    """X-SLURM-USER-TOKEN alone: 22.05 wants X-SLURM-USER-NAME too (401), 24.11 does not."""
+    alice, _ = test_users
+    token = mint(slurm.config("hs"), alice)
+    status, body = slurm.cluster.rest_get(slurm.facts.rest("diag"), None, token)
+    expected = 401 if slurm.facts.user_name_required else 200
+    assert status == expected, (status, body)
+
+
+def test_rest_api_versions(slurm: SlurmSite, test_users: tuple[str, str]) -> None:
+    """The release serves the OpenAPI version the tests use, and not the other one."""
+    alice, _ = test_users
+    token = mint(slurm.config("hs"), alice)
+    assert slurm.cluster.rest_get(slurm.facts.rest("diag"), alice, token)[0] == 200
+    for api in slurm.facts.rest_unserved:
+        status, body = slurm.cluster.rest_get(f"/slurm/{api}/diag", alice, token)
+        assert status == 404, (api, status, body)
+
+
+# The job reports where it runs and what the TaskProlog gave it; "name value" lines.
+ENGINE_JOB = r"""#!/bin/sh
+echo "debian $(cat /etc/debian_version)"
+echo "engine $(command -v tokenlife-engine)"
+echo "jwt_file ${SLURM_JWT_FILE:-none}"
+echo "squeue $(SLURM_JWT=$(tokenlife-engine token) squeue -h -j "$SLURM_JOB_ID" -o %u 2>&1)"
+"""
+
+
+def test_job_task_prolog_runs_the_clusters_engine(
+    slurm: SlurmSite, test_users: tuple[str, str]
+) -> None:
+    """A job's TaskProlog runs ``cluster.engine`` where the job runs (in 24.11's root
+    too, on its Python): it finds the delivered token, which then works in the job."""
+    alice, _ = test_users
+    cluster, pw = slurm.cluster, pwd.getpwnam(alice)
+    directory = slurm.engine_dir / str(pw.pw_uid)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    token_file = directory / "slurm_jwt"
+    token_file.write_text(mint(slurm.config("hs"), alice))
+    token_file.chmod(0o600)
+    for path in (directory, token_file):  # what transfer leaves on a node: the user's
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    script = slurm.work / "engine-job.sh"
+    script.write_text(ENGINE_JOB)
+    script.chmod(0o755)
+    argv = ["sbatch", "--parsable", f"--output={slurm.work}/jobs/out-%j", str(script)]
+    env = {
+        "SLURM_JWT": mint(slurm.config("hs"), alice),  # alice cannot reach munge here
+        "PATH": cluster.job_path(),
+        "TOKENLIFE_CONFIG": str(slurm.engine_config),
+    }
+    submitted = cluster.run_as(alice, argv, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 60
+    while cluster.root_run(["squeue", "-h", "-j", job], check=False).stdout.strip():
+        assert time.monotonic() < deadline, f"job {job} did not end\n{cluster.logs()}"
+        time.sleep(0.2)
+    output = (slurm.work / "jobs" / f"out-{job}").read_text()
+    out = dict(line.partition(" ")[::2] for line in output.splitlines() if line.strip())
+    inside = cluster.system_root is not None
+    host_debian = Path("/etc/debian_version").read_text().strip()
+    assert (out["debian"] != host_debian) == inside, output
+    assert out["engine"] == str(cluster.engine), output
+    assert out["jwt_file"] == str(token_file), output
+    assert out["squeue"] == alice, output
