@@ -27,9 +27,10 @@ class LoginFiles:
         return cls(config.login.token_dir)
 
     def renewed(self, records: list[TokenRecord]) -> None:
+        """Rewrite the files of these renewed tokens; never one holding a newer token."""
         for record in records:
-            if token_path(self.token_dir, record.uid).exists():
-                try:
+            try:
+                if token_path(self.token_dir, record.uid).exists():
                     write_login_token(self.token_dir, record)
-                except OSError as exc:
-                    log.warning("cannot refresh the token file of %s: %s", record.user, exc)
+            except OSError as exc:  # the next user's file may be fine
+                log.warning("cannot refresh the token file of %s: %s", record.user, exc)

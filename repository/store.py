@@ -8,6 +8,7 @@ boundary.  Records that the login path left in the spool are ingested first.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -31,6 +32,7 @@ from repository.rows import audit, to_dt, to_epoch, to_record, to_row
 from tokenlife.config import StoreConfig
 from tokenlife.config_values import sqlite_file
 from tokenlife.errors import StoreError
+from tokenlife.interfaces import Repository
 from tokenlife.records import ACTIVE, TokenRecord
 
 if TYPE_CHECKING:
@@ -80,13 +82,17 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
+#: SQLite's files beside the database: WAL, its index, the rollback journal
+SQLITE_SIBLINGS = ("-wal", "-shm", "-journal")
+
+
 def private_sqlite_file(path: Path) -> None:
     """Create the SQLite file 0600 in a 0700 directory; refuse one others can read.
 
-    The store holds every live token.  SQLite creates its -wal and -shm files
-    with the database file's mode, so creating that one private (whatever the
-    caller's umask) keeps all three private; an existing store that others
-    could read is refused, like ssh refuses such a key.
+    The store holds every live token.  SQLite creates its -wal, -shm and
+    -journal files with the database file's mode, so creating that one
+    private (whatever the caller's umask) keeps them all private; an existing
+    store that others could read is refused, like ssh refuses such a key.
     """
     if not path.is_absolute():
         raise StoreError(f"store.url: the SQLite path {path} must be absolute")
@@ -98,12 +104,14 @@ def private_sqlite_file(path: Path) -> None:
 
 
 def check_sqlite_private(path: Path) -> None:
-    """StoreError if the store or its -wal/-shm is no private regular file (absent is fine)."""
-    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+    """StoreError if the store or a sibling is no private regular file (absent is fine)."""
+    for name in (path, *(Path(f"{path}{suffix}") for suffix in SQLITE_SIBLINGS)):
         try:
             st = os.lstat(name)
         except FileNotFoundError:
             continue
+        except OSError as exc:  # e.g. a 0700 state directory of another account
+            raise StoreError(f"cannot check the token store {name}: {_os_reason(exc)}") from exc
         if not stat.S_ISREG(st.st_mode):
             raise StoreError(f"token store {name} is not a regular file")
         if st.st_mode & 0o077:
@@ -141,8 +149,17 @@ class SqlTokenStore:
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> SqlTokenStore:
-        """``[store]``: the URL, and the login path's spool when that directory exists."""
-        return cls(config.url, config.spool_dir if config.spool_dir.is_dir() else None)
+        """``[store]``: the URL, and the login path's spool when that directory exists.
+
+        A spool this process may not even look at (the service's 0700 state
+        directory, seen by SlurmUser's PrologSlurmctld or a user's ``list``)
+        is one it could not ingest either: it is left to those who can.
+        """
+        try:
+            spool = stat.S_ISDIR(os.stat(config.spool_dir).st_mode)
+        except OSError:
+            spool = False
+        return cls(config.url, config.spool_dir if spool else None)
 
     @cached_property
     def renewals(self) -> RenewalStore:
@@ -232,8 +249,17 @@ class SqlTokenStore:
             return 0
         with self._opening:
             self._open_once(ingest=False)  # opening would ingest: this call does it
+        try:
+            claimed = self.spool.claim()
+        except OSError as exc:  # a spool this account may not read (root's 0700)
+            log.warning(
+                "cannot ingest the spool %s: %s; its records wait for an account that can",
+                self.spool.directory,
+                _os_reason(exc),
+            )
+            return 0
         count = 0
-        for path, data in self.spool.claim():
+        for path, data in claimed:
             try:
                 record = _spooled(data)
             except (KeyError, TypeError, ValueError) as exc:
@@ -335,6 +361,22 @@ class SqlTokenStore:
             ]
 
 
+def superseded_ids(store: Repository, token_ids: list[str]) -> set[str]:
+    """Which of ``token_ids`` a newer token superseded, as the audit trail says."""
+    found: set[str] = set()
+    with store.transaction(read_only=True) as s:
+        for start in range(0, len(token_ids), 500):  # any backend's parameter limit
+            chunk = token_ids[start : start + 500]
+            found.update(
+                s.scalars(
+                    select(EventRow.token_id).where(
+                        EventRow.event == "superseded", EventRow.token_id.in_(chunk)
+                    )
+                )
+            )
+    return found
+
+
 #: TokenRecord's fields and their types, to check what a spool file holds
 _SPOOL_TYPES = {f.name: {"int": int, "str": str}[str(f.type)] for f in fields(TokenRecord)}
 
@@ -352,5 +394,15 @@ def _spooled(data: object) -> TokenRecord:
 
 def _reason(exc: BaseException) -> str:
     """The first line of the driver's message, without SQL or parameters."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {_os_reason(exc)}" if exc.filename else _os_reason(exc)
     orig = getattr(exc, "orig", None) or exc
     return str(orig).splitlines()[0] if str(orig) else type(orig).__name__
+
+
+def _os_reason(exc: OSError) -> str:
+    """``Permission denied (uid 1001)``: who was refused says what to fix."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        reason += f" (uid {os.geteuid()})"
+    return reason

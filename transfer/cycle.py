@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 RETRY_BASE = 30  # first retry after 30 s, doubling ...
 RETRY_CAP = 1800  # ... up to 30 min
+#: a time after every next attempt (9999-12-31): ``due`` then owes every retry
+ANY_TIME = 253402214400
 
 
 def retry_delay(attempts: int, rand: Callable[[], float] = random.random) -> int:
@@ -49,6 +51,8 @@ class DeliverySummary:
     unfinished: int = 0  # still running when the deadline passed
     errors: list[str] = field(default_factory=list)
     jobs_error: str = ""
+    #: the store failed to record the job source's answer (the cycle went on)
+    store_error: str = ""
 
     def line(self) -> str:
         text = (
@@ -66,6 +70,7 @@ class DeliverySummary:
             "unfinished": self.unfinished,
             "errors": self.errors,
             "jobs_error": self.jobs_error,
+            "store_error": self.store_error,
         }
 
 
@@ -106,16 +111,27 @@ class DeliveryCycle:
             try:
                 needs = self.jobs.needs()
                 uids, unsure = self._uids(needs)
-                # A job source that had to skip a job (``partial``) sees not
-                # every job: nothing is removed on its word.
-                partial = bool(getattr(self.jobs, "partial", False))
-                grace = self.remove_after if complete and not partial else None
-                self.store.sync_needs(needs, uids, now, grace, unsure)
             except TokenlifeError as exc:
                 # Without a view of the jobs nothing is removed; owed tokens still go.
                 summary.jobs_error = str(exc)
                 log.warning("job source failed: %s", exc)
-        tasks = self.store.due(now, user, node)
+            else:
+                # A job source that had to skip a job (``partial``) sees not
+                # every job: nothing is removed on its word.
+                partial = bool(getattr(self.jobs, "partial", False))
+                grace = self.remove_after if complete and not partial else None
+                try:
+                    self.store.sync_needs(needs, uids, now, grace, unsure)
+                except TokenlifeError as exc:
+                    # No job source's fault (the store is down, or a concurrent
+                    # pusher recorded the same node first): what is owed still
+                    # goes, and the next cycle records the jobs again.
+                    summary.store_error = f"recording the jobs failed: {exc}"
+        # An explicit node is tried now, whatever its backoff: the one asking
+        # has just fixed it, or wants to know at once whether it works.
+        tasks = self.store.due(now if node is None else ANY_TIME, user, node)
+        if summary.store_error:  # said here, once the store answered again
+            log.warning("%s", summary.store_error)
         results = _parallel(tasks, self._do, self.concurrency, deadline, progress)
         finished = [r for r in results if r is not None]
         summary.unfinished = len(tasks) - len(finished)

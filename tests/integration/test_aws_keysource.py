@@ -17,9 +17,12 @@ import logging
 import os
 import pwd
 import secrets
+import shutil
 import socket
 import stat
 import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +34,7 @@ import jwt
 import pytest
 
 from producer.aws import AwsKeySource
+from producer.keys import HS256Key
 from tests.conftest import require, run_cli
 from tokenlife.config import KeyConfig
 from tokenlife.errors import InsecureKeyFile, KeySourceError
@@ -216,9 +220,13 @@ class Site:
 
 
 def one_line_error(proc: Completed) -> str:
+    return one_line_error_of(proc, "mint")
+
+
+def one_line_error_of(proc: Completed, command: str) -> str:
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got {proc.stderr!r}"
-    assert lines[0].startswith("tokenlife-mint: "), lines[0]
+    assert lines[0].startswith(f"tokenlife-{command}: "), lines[0]
     return lines[0]
 
 
@@ -583,3 +591,250 @@ class TestAwsKeySourceContract(KeySourceContract):
     @pytest.fixture
     def broken_source(self, moto: Moto, tmp_path: Path) -> AwsKeySource:
         return AwsKeySource(key_config(moto, "tokenlife/test/missing", tmp_path / "c" / "k"))
+
+
+# --- the cache between the service account and root (issue 16, item 3.1) ------
+#
+# The daemon runs as the service account and writes the cache into its own
+# 0700 state directory; the PAM fallback runs as root when the daemon is
+# stopped.  Both must use the same cache, and the cache stays 0600.  Here the
+# test user tlbob plays the service account.
+
+
+@dataclass
+class SharedSite:
+    root: Path
+    moto: Moto
+    secret_id: str
+    service: pwd.struct_passwd
+    login_user: pwd.struct_passwd
+
+    @property
+    def config(self) -> Path:
+        return self.root / "tokenlife.toml"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def cache(self) -> Path:
+        return self.state / "aws-key.cache"
+
+    def write(self) -> None:
+        self.config.write_text(
+            "[key]\n"
+            'source = "aws"\n'
+            f"secret_id = {json.dumps(self.secret_id)}\n"
+            f'region = "{REGION}"\n'
+            f'endpoint_url = "{self.moto.url}"\n'
+            f'cache_path = "{self.cache}"\n'
+            'refresh = "1h"\n'
+            f'[store]\nurl = "sqlite:///{self.root}/db/tokenlife.db"\n'
+            f'spool_dir = "{self.root}/spool"\n'
+            f'[login]\ntoken_dir = "{self.root}/login"\n'
+            f'[producer]\nsocket = "{self.root}/no-service.sock"\n'
+        )
+        self.config.chmod(0o644)
+
+    def as_service(self, *args: str) -> Completed:
+        """``tokenlife ARGS`` as the service account (what the daemon does)."""
+        u = self.service
+        cmd = ["setpriv", f"--reuid={u.pw_uid}", f"--regid={u.pw_gid}", "--init-groups"]
+        env = {k: v for k, v in os.environ.items() if k != "TOKENLIFE_CONFIG"}
+        return subprocess.run(
+            [*cmd, str(Path(sys.executable).parent / "tokenlife"), "-c", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            env={**env, "HOME": u.pw_dir},
+            timeout=60,
+        )
+
+    def pam_fallback(self) -> Completed:
+        """A login while the daemon is stopped: ``tokenlife pam`` as root, no service."""
+        env = {"PAM_TYPE": "open_session", "PAM_USER": self.login_user.pw_name}
+        return run_cli(
+            "-c", str(self.config), "pam", "--socket", str(self.root / "no-service.sock"), env=env
+        )
+
+    def login_token(self) -> Path:
+        return self.root / "login" / str(self.login_user.pw_uid) / "slurm_jwt"
+
+
+@pytest.fixture
+def shared(moto: Moto) -> Iterator[SharedSite]:
+    require(os.geteuid() == 0, "needs root (the PAM fallback, and setpriv to the service account)")
+    require(shutil.which("setpriv") is not None, "needs setpriv")
+    from tests.integration.harness.users import ALICE, BOB, ensure_user
+
+    root = Path(tempfile.mkdtemp(prefix="tl-aws-"))
+    try:
+        root.chmod(0o755)
+        site = SharedSite(root, moto, "", ensure_user(BOB), ensure_user(ALICE))
+        # The service's StateDirectory=: 0700, owned by the service account.
+        site.state.mkdir(mode=0o700)
+        os.chown(site.state, site.service.pw_uid, site.service.pw_gid)
+        yield site
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_root_fallback_uses_the_cache_the_service_account_wrote(shared: SharedSite) -> None:
+    key = new_key()
+    shared.secret_id = shared.moto.new_secret(b64(key))
+    shared.write()
+    check = shared.as_service("config", "check")  # loads the key: fetches and caches it
+    assert check.returncode == 0, check.stdout + check.stderr
+    st = shared.cache.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (shared.service.pw_uid, 0o600)
+    shared.moto.stop()  # a login never waits on AWS when a cache exists
+
+    proc = shared.pam_fallback()
+
+    assert (proc.returncode, proc.stderr) == (0, "")  # before: "... is owned by uid 1002"
+    token = shared.login_token().read_text()
+    assert jwt.decode(token, key, algorithms=["HS256"])["sun"] == shared.login_user.pw_name
+
+
+def test_a_cache_written_by_root_is_handed_to_the_service_account(shared: SharedSite) -> None:
+    """Root fetched first (a login before the daemon ever ran): the daemon,
+    even without CAP_DAC_OVERRIDE, must read that cache."""
+    key = new_key()
+    shared.secret_id = shared.moto.new_secret(b64(key))
+    shared.write()
+    assert shared.pam_fallback().returncode == 0
+    st = shared.cache.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (
+        shared.service.pw_uid,
+        shared.service.pw_gid,
+        0o600,
+    )
+    shared.moto.stop()
+
+    check = shared.as_service("config", "check")
+
+    assert check.returncode == 0, check.stdout
+    assert f"key_id: {HS256Key(key).key_id}" in check.stdout.splitlines()
+
+
+def test_a_cache_owned_by_anyone_else_is_still_refused(shared: SharedSite) -> None:
+    key = new_key()
+    shared.secret_id = shared.moto.new_secret(b64(key))
+    shared.write()
+    assert shared.as_service("config", "check").returncode == 0
+    other = shared.login_user  # neither root, nor the service account, nor key.owners
+    os.chown(shared.cache, other.pw_uid, other.pw_gid)
+
+    proc = shared.pam_fallback()
+
+    assert not shared.login_token().exists()
+    assert f"is owned by uid {other.pw_uid}" in proc.stderr
+
+
+def test_the_owner_of_a_directory_others_may_write_is_not_trusted(shared: SharedSite) -> None:
+    key = new_key()
+    shared.secret_id = shared.moto.new_secret(b64(key))
+    shared.write()
+    assert shared.as_service("config", "check").returncode == 0
+    shared.state.chmod(0o733)  # anyone may put a file there: its owner vouches for nothing
+
+    proc = shared.pam_fallback()
+
+    assert not shared.login_token().exists()
+    assert f"is owned by uid {shared.service.pw_uid}" in proc.stderr
+
+
+# --- a rotated secret: logged, and picked up at once by rotate-key ---------------
+
+
+def aws_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the key source logged (moto's server logs its requests too)."""
+    return [r.getMessage() for r in caplog.records if r.name == "producer.aws"]
+
+
+def test_a_changed_key_is_logged_once_with_both_key_ids(
+    moto: Moto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = new_key(), new_key()
+    secret_id = moto.new_secret(b64(old))
+    config = key_config(moto, secret_id, tmp_path / "cache" / "k", refresh=60)
+    clock = [time.time()]
+    daemon = AwsKeySource(config, now=lambda: clock[0])  # one long-lived source, as in the daemon
+    assert daemon.load().key_id == HS256Key(old).key_id
+    moto.client.put_secret_value(SecretId=secret_id, SecretString=b64(new))
+    clock[0] += 3600  # past refresh: AWS is asked
+
+    with caplog.at_level(logging.INFO, logger="producer.aws"):
+        assert daemon.load().key_id == HS256Key(new).key_id
+        assert daemon.load().key_id == HS256Key(new).key_id  # no second line
+
+    lines = aws_lines(caplog)
+    assert lines == [
+        f"AWS key of secret {secret_id} changed: {HS256Key(old).key_id} -> {HS256Key(new).key_id}"
+    ]
+    assert b64(old) not in caplog.text and b64(new) not in caplog.text
+
+
+def test_another_process_that_refreshed_the_cache_is_noticed_and_logged(
+    moto: Moto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The daemon holds the old key; ``rotate-key`` (another process) fetched
+    the new one: the daemon's next mint uses it, and says so."""
+    old, new = new_key(), new_key()
+    secret_id = moto.new_secret(b64(old))
+    config = key_config(moto, secret_id, tmp_path / "cache" / "k")
+    daemon = AwsKeySource(config)
+    assert daemon.load().key_id == HS256Key(old).key_id
+    moto.client.put_secret_value(SecretId=secret_id, SecretString=b64(new))
+    moto.stop()  # the daemon must not need AWS for this
+
+    with caplog.at_level(logging.INFO, logger="producer.aws"):
+        rewrite = AwsKeySource(config)
+        rewrite.load()  # within refresh: the old key, from the cache
+        assert daemon.load().key_id == HS256Key(old).key_id
+    assert aws_lines(caplog) == []
+
+    # The same cache rewritten with the new key, as a fresh fetch does.
+    data = json.loads(config.cache_path.read_text())
+    config.cache_path.write_text(json.dumps({**data, "key": b64(new)}))
+    with caplog.at_level(logging.INFO, logger="producer.aws"):
+        assert daemon.load().key_id == HS256Key(new).key_id
+    assert aws_lines(caplog) == [
+        f"AWS key of secret {secret_id} changed: {HS256Key(old).key_id} -> {HS256Key(new).key_id}"
+    ]
+
+
+def test_rotate_key_asks_aws_at_once_and_the_next_mint_uses_the_new_key(site: Site) -> None:
+    user = mint_user()
+    old, new = new_key(), new_key()
+    site.secret_id = site.moto.new_secret(b64(old))
+    check_minted(site.mint(user.pw_name), old, user)  # cached, fresh for an hour
+    site.moto.client.put_secret_value(SecretId=site.secret_id, SecretString=b64(new))
+
+    proc = run_cli("-c", str(site.config), "rotate-key")
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("renewed 1,")  # before: "renewed 0" (the cached old key)
+    assert proc.stderr.splitlines()[-1].endswith(
+        f"AWS key of secret {site.secret_id} changed: {HS256Key(old).key_id} -> "
+        f"{HS256Key(new).key_id}"
+    )
+    assert b64(new) not in proc.stderr
+    site.moto.stop()
+    check_minted(site.mint(user.pw_name), new, user)  # from the refreshed cache
+
+
+def test_rotate_key_with_aws_down_fails_instead_of_using_the_cache(site: Site) -> None:
+    user = mint_user()
+    key = new_key()
+    site.secret_id = site.moto.new_secret(b64(key))
+    check_minted(site.mint(user.pw_name), key, user)  # a fresh cache
+    site.moto.stop()
+
+    proc = run_cli("-c", str(site.config), "rotate-key")
+
+    assert proc.returncode == 3
+    assert proc.stdout == ""
+    assert one_line_error_of(proc, "rotate-key").startswith(
+        "tokenlife-rotate-key: AWS Secrets Manager unreachable: "
+    )

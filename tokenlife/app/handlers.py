@@ -12,9 +12,9 @@ from typing import Any
 from tokenlife import config as configmod
 from tokenlife.app.site import Site
 from tokenlife.config import Config
-from tokenlife.errors import ConfigError, TokenlifeError, UsageError
+from tokenlife.errors import ConfigError, KeySourceError, TokenlifeError, UsageError
 from tokenlife.interfaces import JobSource
-from tokenlife.records import ACTIVE, DeliveryRecord, TokenRecord
+from tokenlife.records import ACTIVE, EXPIRED, DeliveryRecord, TokenRecord
 from tokenlife.users import validate_name
 
 
@@ -55,7 +55,17 @@ def mint(args: argparse.Namespace) -> int:
     else:
         # The store opens lazily, after the user, the permission and the key
         # were checked: nothing is written for a request that cannot succeed.
-        record, _ = site.minter.mint(args.user, os.getuid(), args.lifetime, args.renew_until)
+        try:
+            record, _ = site.minter.mint(args.user, os.getuid(), args.lifetime, args.renew_until)
+        except KeySourceError as exc:
+            refused = None if args.local else _refused(str(config.producer.socket))
+            if refused is None:
+                raise
+            # The real trouble is the socket: say so, not only "key unreadable".
+            raise type(exc)(
+                f"the mint service at {config.producer.socket} refused uid {os.getuid()} "
+                f"({refused}), and minting here needs the key: {exc}"
+            ) from exc
         public, token = record.public(), record.token
     if args.json:
         print(json.dumps({**public, **({"token": token} if args.print else {})}, indent=2))
@@ -67,6 +77,20 @@ def mint(args: argparse.Namespace) -> int:
             f"{_iso(public['exp'])}, renewable until {_iso(public['renew_until'])}"
         )
     return 0
+
+
+def _refused(socket_path: str) -> str | None:
+    """Why the mint socket refused this process (no permission), or None."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(socket_path)
+        except PermissionError as exc:
+            return exc.strerror or "permission denied"
+        except OSError:
+            return None
+    return None
 
 
 def renew(args: argparse.Namespace) -> int:
@@ -95,7 +119,9 @@ def rotate_key(args: argparse.Namespace) -> int:
     if args.user:
         validate_name(args.user)
     site = Site.from_config(_config(args), actor=f"rotate-key by {_caller()}")
-    new_source = site.key_source if args.key is None else site.key_file_source(args.key)
+    # Without --key: the configured key as its backend has it now, never a
+    # cached copy (a new AWS secret version is picked up at once).
+    new_source = site.fresh_key_source() if args.key is None else site.key_file_source(args.key)
     new_source.load()  # refuse a bad new key before anything is touched
     summary = site.renewer.rotate(new_source, args.user)
     return _print_summary(summary, args.json, "tokenlife-rotate-key")
@@ -152,11 +178,25 @@ def _push(args: argparse.Namespace) -> int:
         summary = site.cycle(jobs).run(
             user, args.node, complete=not args.job, deadline=deadline, progress=progress
         )
+        idle = summary.delivered + summary.unchanged + summary.removed + summary.failed == 0
+        note = _nothing_owed(site, args.node, user) if args.node and idle else ""
     finally:
         site.close()
     if progress is not None:
         print(file=sys.stderr)
-    return _print_summary(summary, args.json, "tokenlife-push", summary.jobs_error)
+    first = summary.jobs_error or summary.store_error  # never both: see DeliveryCycle.run
+    status = _print_summary(summary, args.json, "tokenlife-push", first)
+    if note and not summary.unfinished:
+        print(f"tokenlife-push: {args.node}: nothing owed: {note}", file=sys.stderr)
+    return status
+
+
+def _nothing_owed(site: Site, node: str, user: str | None) -> str:
+    """Why ``push --node`` had nothing to do there: up to date, or unknown to the store."""
+    records = [d for d in site.store.deliveries.deliveries(user) if d.node == node]
+    if not records:
+        return "no delivery record (the job source knows of no job of a known user there)"
+    return f"its {len(records)} delivery record(s) are up to date"
 
 
 def _progress_bar(done: int, total: int) -> None:
@@ -260,6 +300,10 @@ def purge(args: argparse.Namespace) -> int:
 
 
 def list_tokens(args: argparse.Namespace) -> int:
+    import time
+
+    from repository.store import superseded_ids
+
     if args.user:
         validate_name(args.user)
     store = _site(args).store
@@ -267,22 +311,43 @@ def list_tokens(args: argparse.Namespace) -> int:
     by_user: dict[str, list[DeliveryRecord]] = {}
     for d in store.deliveries.deliveries(args.user):
         by_user.setdefault(d.user, []).append(d)
+    # The store keeps a replaced token as "expired"; the audit trail knows it
+    # was superseded, and Slurm accepts it until its exp all the same.
+    superseded = superseded_ids(store, [r.token_id for r in records if r.state == EXPIRED])
+    now = int(time.time())
+
+    def state(r: TokenRecord) -> str:
+        return "superseded" if r.token_id in superseded else r.state
+
     if args.json:
         out = []
         for r in records:
             nodes = by_user.get(r.user, []) if r.state == ACTIVE else []
-            out.append({**r.public(), "delivery": [d.public() for d in nodes]})
+            out.append(
+                {
+                    **r.public(),
+                    "state": state(r),
+                    "accepted_by_slurm": now <= r.exp,  # Slurm refuses only exp < now
+                    "delivery": [d.public() for d in nodes],
+                }
+            )
         print(json.dumps(out, indent=2))
         return 0
     print(
-        f"{'USER':<16} {'STATE':<8} {'VER':>3} {'EXPIRES':<20} {'RENEW-UNTIL':<20} "
+        f"{'USER':<16} {'STATE':<10} {'VER':>3} {'EXPIRES':<20} {'RENEW-UNTIL':<20} "
         f"{'NODES':<14} TOKEN-ID"
     )
     for r in records:
         column = _delivery_column(r, by_user.get(r.user, [])) if r.state == ACTIVE else "-"
         print(
-            f"{r.user:<16} {r.state:<8} {r.version:>3} {_iso(r.exp):<20} "
+            f"{r.user:<16} {state(r):<10} {r.version:>3} {_iso(r.exp):<20} "
             f"{_iso(r.renew_until):<20} {column:<14} {r.token_id}"
+        )
+    valid = sum(r.state != ACTIVE and now <= r.exp for r in records)
+    if valid:
+        print(
+            f"note: {valid} token(s) no longer renewed are still accepted by Slurm until "
+            "their EXPIRES time (Slurm has no revocation list)"
         )
     return 0
 
@@ -373,7 +438,15 @@ def jwks(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     from tokenlife.app.daemon import Daemon
 
-    return Daemon(args.config, args.socket).run()
+    try:
+        return Daemon(args.config, args.socket).run()
+    except PermissionError as exc:
+        # The key, the store and the config say so themselves; what is left
+        # is a path (named) or the mint socket, whose bind names none.
+        where = exc.filename or args.socket or _config(args).producer.socket
+        raise TokenlifeError(
+            f"cannot serve: {where}: {exc.strerror or 'permission denied'} (uid {os.geteuid()})"
+        ) from exc
 
 
 def demo(args: argparse.Namespace) -> int:

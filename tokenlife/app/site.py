@@ -70,6 +70,18 @@ class Site:
         source: KeySource = factory(key, prefer_cache=self.login)
         return source
 
+    def fresh_key_source(self) -> KeySource:
+        """The configured key as its backend holds it now (``rotate-key``).
+
+        A source that caches (aws) offers ``fresh()``: a source that asks the
+        backend, not its cache; any other source is fresh already.
+        """
+        fresh = getattr(self.key_source, "fresh", None)
+        if not callable(fresh):
+            return self.key_source
+        source: KeySource = fresh()
+        return source
+
     def key_file_source(self, path: Path) -> KeySource:
         """The key in ``path`` with this site's algorithm (``rotate-key --key``)."""
         key = dataclasses.replace(self.config.key, source="file", path=path, kid=None)
