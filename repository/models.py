@@ -15,6 +15,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -37,6 +38,13 @@ class UTCDateTime(TypeDecorator[datetime]):
         return None if value is None else value.replace(tzinfo=UTC)
 
 
+#: Active tokens that renewal can still extend, and those at their renew-until
+#: (exp = renew_until: they run out by design).  Conditions of partial indexes,
+#: which a query must repeat word for word (SQLite matches terms, not meaning).
+RENEWABLE = "state = 'active' AND exp < renew_until"
+AT_LIMIT = "state = 'active' AND exp >= renew_until"
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -52,6 +60,20 @@ class TokenRow(Base):
         CheckConstraint("state IN ('active', 'expired', 'revoked')", name="ck_tokens_state"),
         Index("ix_tokens_user_state", "user", "state"),
         Index("ix_tokens_state_next_check", "state", "next_check"),
+        # tokenlife status and the metrics scrape (repository/status.py)
+        Index("ix_tokens_state_renew_until", "state", "renew_until"),
+        Index(
+            "ix_tokens_renewable_exp",
+            "exp",
+            sqlite_where=text(RENEWABLE),
+            postgresql_where=text(RENEWABLE),
+        ),
+        Index(
+            "ix_tokens_at_limit_exp",
+            "exp",
+            sqlite_where=text(AT_LIMIT),
+            postgresql_where=text(AT_LIMIT),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -85,6 +107,7 @@ class EventRow(Base):
     __table_args__ = (
         Index("ix_events_token_id", "token_id"),
         Index("ix_events_at", "at"),
+        Index("ix_events_event_at", "event", "at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -116,6 +139,7 @@ class DeliveryRow(Base):
         CheckConstraint("version >= 0", name="ck_deliveries_version"),
         Index("ix_deliveries_next_attempt", "next_attempt"),
         Index("ix_deliveries_node", "node"),
+        Index("ix_deliveries_status_node", "status", "node"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

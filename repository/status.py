@@ -1,23 +1,34 @@
 """A snapshot of the store for ``tokenlife status`` and the metrics endpoint.
 
-Everything is counted by the database (GROUP BY, ORDER BY ... LIMIT 1): a
-snapshot costs a handful of statements in one read-only transaction, however
-many tokens are stored, and never reads a token.
+Everything is counted by the database along the indexes of migration 0004,
+in one read-only transaction, and no token is read.  The limits, the last
+renewal and the figures per node cost a lookup each whatever the size of
+the store; counting tokens per state is linear in the tokens (index entries,
+not rows), counting the last 24 hours' events in that day's events.
+bench/bench_status.py measures it all with a million tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Boolean, ColumnElement, func, literal_column, select
-from sqlalchemy.orm import Session
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session, aliased
 
 from repository.delivery_store import DELIVERED, FAILED, PENDING, REMOVING
-from repository.models import DeliveryRow, EventRow, TokenRow
+from repository.models import AT_LIMIT, RENEWABLE, DeliveryRow, EventRow, TokenRow
 from repository.rows import to_dt, to_epoch
 from tokenlife.interfaces import Repository
 from tokenlife.records import ACTIVE, EXPIRED, REVOKED
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from sqlalchemy import Select
+
+    Soonest: TypeAlias = Select[str, str, datetime, int, int]  # SQLAlchemy 2.1's typing
 
 #: how far back ``events`` counts
 WINDOW = 86400
@@ -37,6 +48,8 @@ class Deadline:
     token_id: str
     at: int
     seconds_left: int
+    #: the token's lifetime (its renewal window follows from it)
+    lifetime: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +90,13 @@ class Snapshot:
     deliveries: dict[str, int]
     #: nodes with pending or failed deliveries
     nodes: dict[str, NodeTrouble] = field(default_factory=dict)
+    #: the newest audit event's id (0: none), and the events after ``events_after``
+    #: as (id, kind), for the metrics' running count (not shown by ``status``)
+    last_event_id: int = 0
+    new_events: tuple[tuple[int, str], ...] = ()
+    #: the active token below its renew-until that expires first: renewal can
+    #: still push its exp back, so once inside its renewal window it is overdue
+    soonest_renewable: Deadline | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +106,9 @@ class Snapshot:
             "soonest_renew_until": (
                 self.soonest_renew_until.as_dict() if self.soonest_renew_until else None
             ),
+            "soonest_renewable_exp": (
+                self.soonest_renewable.as_dict() if self.soonest_renewable else None
+            ),
             "events_24h": dict(self.events),
             "last_renewal": self.last_renewal,
             "deliveries": dict(self.deliveries),
@@ -93,51 +116,42 @@ class Snapshot:
         }
 
 
-def snapshot(store: Repository, now: int) -> Snapshot:
-    """Counts and limits as of ``now`` (epoch seconds); StoreError if the store fails."""
+def snapshot(
+    store: Repository, now: int, *, window: bool = True, events_after: int | None = None
+) -> Snapshot:
+    """Counts and limits as of ``now`` (epoch seconds); StoreError if the store fails.
+
+    ``window``: count the events of the last 24 hours (``tokenlife status``;
+    the metrics count events as they come instead).  ``events_after``: also
+    return the events with a greater id (``new_events``), for that count.
+    """
     with store.transaction(read_only=True) as s:
-        tokens = dict.fromkeys(TOKEN_STATES, 0)
-        for state, count in s.execute(
-            select(TokenRow.state, func.count()).group_by(TokenRow.state)
-        ).all():
-            tokens[state] = int(count)
-
-        # No index leads to the soonest exp: read the table in order.  SQLite
-        # would otherwise fetch every active row through the state index, one
-        # random read each (8 times slower at 1,000,000 tokens); PostgreSQL's
-        # planner chooses a sequential scan by itself.
-        active: ColumnElement[bool] = TokenRow.state == ACTIVE
-        if s.get_bind().dialect.name == "sqlite":
-            active = func.likelihood(active, literal_column("0.9"), type_=Boolean)
-        deadlines: list[Deadline | None] = []
-        for column in (TokenRow.exp, TokenRow.renew_until):
-            row = s.execute(
-                select(TokenRow.user, TokenRow.token_id, column)
-                .where(active)
-                .order_by(column, TokenRow.id)
-                .limit(1)
-            ).first()
-            if row is None:
-                deadlines.append(None)
-            else:
-                at = to_epoch(row[2])
-                deadlines.append(Deadline(row[0], row[1], at, at - now))
-
-        events: dict[str, int] = {}
-        for kind, count in s.execute(
-            select(EventRow.event, func.count())
-            .where(EventRow.at > to_dt(now - WINDOW))
-            .group_by(EventRow.event)
-        ).all():
-            events[kind] = int(count)
-
-        # Newest first along ix_events_at, stopping at the first renewal.
+        tokens = _token_counts(s)
+        renewable = _soonest(s, exp_query(RENEWABLE), now)
+        at_limit = _soonest(s, exp_query(AT_LIMIT), now)
+        soonest_exp = min(
+            (d for d in (renewable, at_limit) if d is not None), key=_order, default=None
+        )
+        soonest_renew_until = _soonest(s, renew_until_query(), now)
+        events = _event_counts(s, to_dt(now - WINDOW)) if window else {}
+        # Along ix_events_event_at: the last entry of its "renewed" range.
         last = s.scalar(
             select(EventRow.at)
             .where(EventRow.event == "renewed")
             .order_by(EventRow.at.desc())
             .limit(1)
         )
+        last_event_id = int(s.scalar(select(func.max(EventRow.id))) or 0)
+        new_events: tuple[tuple[int, str], ...] = ()
+        if events_after is not None:
+            new_events = tuple(
+                (int(i), str(kind))
+                for i, kind in s.execute(
+                    select(EventRow.id, EventRow.event)
+                    .where(EventRow.id > events_after)
+                    .order_by(EventRow.id)
+                ).all()
+            )
 
         deliveries = dict.fromkeys(DELIVERY_STATES, 0)
         for status, count in s.execute(
@@ -164,13 +178,97 @@ def snapshot(store: Repository, now: int) -> Snapshot:
     return Snapshot(
         now=now,
         tokens=tokens,
-        soonest_exp=deadlines[0],
-        soonest_renew_until=deadlines[1],
+        soonest_exp=None if soonest_exp is None else soonest_exp[0],
+        soonest_renew_until=None if soonest_renew_until is None else soonest_renew_until[0],
         events=events,
         last_renewal=None if last is None else to_epoch(last),
         deliveries=deliveries,
         nodes=nodes,
+        last_event_id=last_event_id,
+        new_events=new_events,
+        soonest_renewable=None if renewable is None else renewable[0],
     )
+
+
+def last_event_id(store: Repository) -> int:
+    """The newest audit event's id (0: none): where a count of new events starts."""
+    with store.transaction(read_only=True) as s:
+        return int(s.scalar(select(func.max(EventRow.id))) or 0)
+
+
+def exp_query(condition: str) -> Soonest:
+    """The active token with the smallest exp among those of a partial index's
+    ``condition`` (RENEWABLE or AT_LIMIT): that index's first entry."""
+    return (
+        select(TokenRow.user, TokenRow.token_id, TokenRow.exp, TokenRow.lifetime, TokenRow.id)
+        .where(text(condition))  # as the index says it (SQLite matches it word for word)
+        .order_by(TokenRow.exp, TokenRow.id)
+        .limit(1)
+    )
+
+
+def renew_until_query() -> Soonest:
+    """The active token whose renew-until comes first: ix_tokens_state_renew_until's."""
+    return (
+        select(
+            TokenRow.user, TokenRow.token_id, TokenRow.renew_until, TokenRow.lifetime, TokenRow.id
+        )
+        .where(TokenRow.state == ACTIVE)
+        .order_by(TokenRow.renew_until, TokenRow.id)
+        .limit(1)
+    )
+
+
+def _soonest(s: Session, query: Soonest, now: int) -> tuple[Deadline, int] | None:
+    """The query's token as a Deadline, and its row id (the tie-breaker)."""
+    row = s.execute(query).first()
+    if row is None:
+        return None
+    at = to_epoch(row[2])
+    return Deadline(row[0], row[1], at, at - now, int(row[3])), int(row[4])
+
+
+def _order(found: tuple[Deadline, int]) -> tuple[int, int]:
+    return found[0].at, found[1]
+
+
+def _token_counts(s: Session) -> dict[str, int]:
+    """Tokens per state, counted in the state-led indexes (no row is read).
+
+    Counting is linear in the tokens: one range per state.  SQLite counts a
+    whole table by its index pages (a fraction of the cost of counting a
+    range entry by entry), so there the active tokens, usually most of
+    them, are the total less the others.
+    """
+    counts = dict.fromkeys(TOKEN_STATES, 0)
+    sqlite = s.get_bind().dialect.name == "sqlite"
+    for state in TOKEN_STATES:
+        if sqlite and state == ACTIVE:
+            continue
+        counts[state] = int(
+            s.scalar(select(func.count()).select_from(TokenRow).where(TokenRow.state == state)) or 0
+        )
+    if sqlite:
+        total = int(s.scalar(select(func.count()).select_from(TokenRow)) or 0)
+        counts[ACTIVE] = total - sum(counts.values())
+    return counts
+
+
+def _event_counts(s: Session, since: datetime) -> dict[str, int]:
+    """Events after ``since`` per kind: the kinds by skipping along ix_events_event_at
+    (a few lookups), then one index range each, never the rows themselves."""
+    kinds = select(func.min(EventRow.event).label("event")).cte("kinds", recursive=True)
+    after = select(func.min(EventRow.event)).where(EventRow.event > kinds.c.event)
+    kinds = kinds.union_all(select(after.scalar_subquery()).where(kinds.c.event.is_not(None)))
+    inner = aliased(EventRow)
+    count = (
+        select(func.count())
+        .select_from(inner)
+        .where(inner.event == kinds.c.event, inner.at > since)
+        .scalar_subquery()
+    )
+    rows = s.execute(select(kinds.c.event, count).where(kinds.c.event.is_not(None))).all()
+    return {str(kind): int(n) for kind, n in rows if n}
 
 
 def _oldest_failures(s: Session) -> dict[str, str]:

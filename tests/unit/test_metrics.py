@@ -21,7 +21,7 @@ from repository.renewer import Summary
 from repository.store import SqlTokenStore
 from tests.conftest import run_cli, tokenlife_bin
 from tests.unit.test_serve import USER, current_token, mint_in_the_past, version, wait_for
-from tokenlife.app.metrics import Collector, TickStats, metrics_url, split_address
+from tokenlife.app.metrics import Collector, TickStats, build_labels, metrics_url, split_address
 from transfer.cycle import DeliverySummary
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -107,8 +107,15 @@ def test_scrape_a_running_serve_and_status(tmp_path: Path) -> None:
             assert value("tokenlife_renewal_failures_total") == 0
             assert value("tokenlife_tick_failures_total") == 0
             assert 3500 < value("tokenlife_token_soonest_expiry_seconds") <= 3600
-            assert value("tokenlife_events_last_24h", event="renewed") == 1
-            assert value("tokenlife_events_last_24h", event="minted") == 2
+            # Renewable (below its renew-until), due 30 min before exp (1 h tokens).
+            assert 3500 < value("tokenlife_token_soonest_renewable_expiry_seconds") <= 3600
+            assert value("tokenlife_token_soonest_renewable_margin_seconds") == 1800
+            # Counted from the daemon's start: the mints before it are not.
+            assert value("tokenlife_events_total", event="renewed") == 1
+            assert value("tokenlife_events_total", event="delivered") == 2
+            assert value("tokenlife_events_total", event="minted") == 0  # at 0 from the start
+            assert value("tokenlife_build_info", **build_labels()) == 1
+            assert value("process_start_time_seconds") >= started - 1
             assert started - 1 <= value("tokenlife_last_renewal_timestamp_seconds")
             assert value("tokenlife_deliveries", status="delivered") == 2
             assert value("tokenlife_deliveries", status="failed") == 1

@@ -139,8 +139,12 @@ class Daemon:
         from producer.service import MintService, listen
 
         self._build()
-        # The store is looked up per scrape: a reload replaces it.
-        self.metrics = Metrics(lambda: self.site.store, self.config.serve.interval)
+        # The store and the renewal policy are looked up per scrape: a reload replaces them.
+        self.metrics = Metrics(
+            lambda: self.site.store,
+            self.config.serve.interval,
+            lambda lifetime: self.renewer.policy.margin(lifetime),
+        )
         self.metrics_address = self.config.serve.metrics
         self.metrics.start(self.metrics_address)
         self.service = MintService(self.config, self.minter)

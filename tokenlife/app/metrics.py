@@ -1,6 +1,6 @@
 """Prometheus metrics of ``tokenlife serve`` (``[serve] metrics = "ADDRESS:PORT"``).
 
-Two kinds of figures, one collector, its own registry (never the global one):
+Three kinds of figures, one collector, its own registry (never the global one):
 
 * the store's state, read on a scrape from ``repository.status.snapshot``
   (SQL aggregates only) and kept for ``ttl`` seconds, or five times as long
@@ -8,28 +8,35 @@ Two kinds of figures, one collector, its own registry (never the global one):
   burst of scrapes costs one read, a big store is read at most a fifth of
   the time; when the store cannot be read, ``tokenlife_store_up`` is 0 and
   the store's figures are left out (a scrape never fails);
-* what this daemon did, counted after each tick (``TickStats``).
+* the store's audit events, counted as they are committed, by any writer,
+  since this daemon started (``EventTally``);
+* what this daemon did, counted after each tick (``TickStats``), its build
+  (``tokenlife_build_info``) and its process (``process_*``).
+
+Counters start at 0 when the daemon starts (Prometheus' ``increase()`` and
+``rate()`` take a restart for a reset) and survive a reload.
 
 No label or value ever holds a token, a key or a command line.  The endpoint
 is a small threaded WSGI server on a daemon thread; see docs/commands.md
-("Metrics") for every metric.  (A little over 350 lines: one
-collector and the small server that serves it belong together.)
+("Metrics") for every metric.  (About 450 lines: one collector, its
+counters and the small server that serves it belong together.)
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import platform
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tokenlife.errors import TokenlifeError
@@ -47,6 +54,100 @@ SNAPSHOT_TTL = 2.0
 #: the delivery outcomes counted by ``tokenlife_delivery_results_total``
 RESULTS = ("delivered", "unchanged", "removed", "failed")
 LAST_TICK = "tokenlife_last_tick_success_timestamp_seconds"
+#: the audit trail's kinds: exported at 0 before the first one (``increase()``
+#: needs a series to exist before it grows); other kinds appear when they occur
+EVENT_KINDS = (
+    "minted",
+    "renewed",
+    "failed",
+    "expired",
+    "superseded",
+    "ignored",
+    "rotated",
+    "revoked",
+    "delivered",
+    "removed",
+    "purged",
+)
+#: how long an audit event id that is missing (its transaction not yet
+#: committed, or rolled back) keeps being looked for
+SETTLE = 900.0
+
+
+def build_labels() -> dict[str, str]:
+    """``tokenlife_build_info``'s labels: the installed package, its interpreter and SQLAlchemy."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import sqlalchemy
+
+    from tokenlife import __version__
+
+    try:
+        installed = version("tokenlife")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        installed = __version__
+    return {
+        "version": installed,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "sqlalchemy": sqlalchemy.__version__,
+    }
+
+
+class EventTally:
+    """Audit events committed to the store since the first read, by kind (any writer).
+
+    Each read returns the events with an id above ``floor``.  PostgreSQL
+    hands ids out at insert and transactions commit in any order, so an id
+    below one already seen may still come (its transaction is open) or never
+    (it rolled back).  A gap above the floor holds it: the ids counted above
+    are remembered, so none is counted twice, and ``settle`` seconds after
+    the gap was first seen every id missing then is given up.  SQLite
+    commits in id order: its floor just follows.
+    """
+
+    def __init__(self, settle: float = SETTLE, clock: Callable[[], float] = time.monotonic):
+        self.settle = settle
+        self.clock = clock
+        self.counts: dict[str, int] = dict.fromkeys(EVENT_KINDS, 0)
+        #: every id up to here is counted or given up; None: nothing read yet
+        self.floor: int | None = None
+        self._top = 0  # the greatest id seen
+        self._seen: set[int] = set()  # counted ids above the floor
+        self._gap: tuple[float, int] | None = None  # since when ids up to this one are missing
+
+    def update(self, last_id: int, events: Sequence[tuple[int, str]]) -> None:
+        """Count ``events`` (id, kind: those above ``floor``); ``last_id``: the newest id."""
+        if self.floor is None or last_id < self.floor:
+            # The first read counts from the newest event on; ids that went
+            # back (every event purged, another store) start over from there.
+            self.floor = self._top = last_id
+            self._seen.clear()
+            self._gap = None
+            return
+        for event_id, kind in events:
+            if event_id > self.floor and event_id not in self._seen:
+                self._seen.add(event_id)
+                self.counts[kind] = self.counts.get(kind, 0) + 1
+                self._top = max(self._top, event_id)
+        self._advance()
+        now = self.clock()
+        if self._gap is not None and self.floor >= self._gap[1]:
+            self._gap = None  # filled
+        if self._gap is not None and now - self._gap[0] >= self.settle:
+            given_up = self._gap[1]  # rolled back (or open for longer than settle)
+            self._seen = {i for i in self._seen if i > given_up}
+            self.floor = max(self.floor, given_up)
+            self._advance()
+            self._gap = None
+        if self._gap is None and self.floor < self._top:
+            self._gap = (now, self._top)
+
+    def _advance(self) -> None:
+        assert self.floor is not None
+        while self.floor + 1 in self._seen:
+            self.floor += 1
+            self._seen.discard(self.floor)
 
 
 @dataclass
@@ -171,9 +272,12 @@ class Collector:
         stats: TickStats,
         ttl: float = SNAPSHOT_TTL,
         clock: Callable[[], float] = time.time,
+        margin: Callable[[int], int] | None = None,
     ) -> None:
         self.store = store  # a getter: a reload swaps the daemon's store
         self.stats = stats
+        #: a lifetime's renewal margin (the renewer's policy); default: the default policy
+        self.margin = margin or _default_margin
         self.ttl = ttl
         self.clock = clock
         self._lock = threading.Lock()  # one snapshot at a time; the others wait for it
@@ -182,6 +286,22 @@ class Collector:
         self._cost = 0.0  # seconds the last snapshot took
         self._cached: Snapshot | None = None
         self._up = True  # the last snapshot's outcome, to log changes only
+        self.events = EventTally()
+        self._store_url: object = None  # a reload onto another store restarts the tally
+        self.build = build_labels()
+
+    def begin(self) -> None:
+        """Count audit events from now on (the daemon's start), if the store answers."""
+        from repository.status import last_event_id
+
+        with self._lock:
+            try:
+                store = self.store()
+                last = last_event_id(store)
+            except Exception:  # the first scrape says why, and starts the count
+                return
+            self._store_url = getattr(store, "url", None)
+            self.events.update(last, ())
 
     def snapshot(self) -> Snapshot | None:
         """The cached snapshot, a fresh one, or None if the store cannot be read."""
@@ -194,7 +314,15 @@ class Collector:
                 return self._cached
             started = time.monotonic()
             try:
-                self._cached = snapshot(self.store(), int(self.clock()))
+                store = self.store()
+                url = getattr(store, "url", None)
+                if url != self._store_url:
+                    self._store_url, self.events.floor = url, None
+                snap = snapshot(
+                    store, int(self.clock()), window=False, events_after=self.events.floor
+                )
+                self.events.update(snap.last_event_id, snap.new_events)
+                self._cached = snap
             except Exception as exc:  # a scrape must never fail, whatever broke
                 self._cached = None
                 if self._up:
@@ -210,17 +338,41 @@ class Collector:
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples (registration must not touch the store)."""
-        for family in (*_store_families(None), *self.stats.families()):
+        for family in (*_store_families(None, self.margin), *self._own_families()):
             family.samples = []
             yield family
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()
-        yield from _store_families(snap)
-        yield from self.stats.families()
+        yield from _store_families(snap, self.margin)
+        yield from self._own_families()
+
+    def _own_families(self) -> list[Metric]:
+        build = GaugeMetricFamily(
+            "tokenlife_build_info",
+            "tokenlife's version and what runs it; always 1.",
+            labels=list(self.build),
+        )
+        build.add_metric(list(self.build.values()), 1)
+        events = CounterMetricFamily(
+            "tokenlife_events",
+            "Audit events committed to the store by any writer since this daemon started.",
+            labels=["event"],
+        )
+        with self._lock:
+            counts = sorted(self.events.counts.items())
+        for kind, count in counts:
+            events.add_metric([kind], count)
+        return [build, events, *self.stats.families()]
 
 
-def _store_families(snap: Snapshot | None) -> list[Metric]:
+def _default_margin(lifetime: int) -> int:
+    from repository.policy import Policy
+
+    return Policy().margin(lifetime)
+
+
+def _store_families(snap: Snapshot | None, margin: Callable[[int], int]) -> list[Metric]:
     up = GaugeMetricFamily(
         "tokenlife_store_up", "1 if the token store could be read at the last scrape, else 0."
     )
@@ -234,10 +386,13 @@ def _store_families(snap: Snapshot | None) -> list[Metric]:
         "tokenlife_token_soonest_renew_until_seconds",
         "Seconds until the soonest renew-until of an active token (its user must log in again).",
     )
-    events = GaugeMetricFamily(
-        "tokenlife_events_last_24h",
-        "Audit events of the last 24 hours by kind (renewed, failed, minted, ...), all writers.",
-        labels=["event"],
+    renewable = GaugeMetricFamily(
+        "tokenlife_token_soonest_renewable_expiry_seconds",
+        "Seconds until the soonest exp of an active token below its renew-until.",
+    )
+    renewable_margin = GaugeMetricFamily(
+        "tokenlife_token_soonest_renewable_margin_seconds",
+        "That token's renewal window: it is due for renewal this long before its exp.",
     )
     last_renewal = GaugeMetricFamily(
         "tokenlife_last_renewal_timestamp_seconds",
@@ -256,7 +411,8 @@ def _store_families(snap: Snapshot | None) -> list[Metric]:
         tokens,
         soonest,
         renew_until,
-        events,
+        renewable,
+        renewable_margin,
         last_renewal,
         deliveries,
         nodes,
@@ -269,8 +425,9 @@ def _store_families(snap: Snapshot | None) -> list[Metric]:
         soonest.add_metric([], snap.soonest_exp.seconds_left)
     if snap.soonest_renew_until is not None:
         renew_until.add_metric([], snap.soonest_renew_until.seconds_left)
-    for kind, count in sorted(snap.events.items()):
-        events.add_metric([kind], count)
+    if snap.soonest_renewable is not None:
+        renewable.add_metric([], snap.soonest_renewable.seconds_left)
+        renewable_margin.add_metric([], margin(snap.soonest_renewable.lifetime))
     if snap.last_renewal is not None:
         last_renewal.add_metric([], snap.last_renewal)
     for status, count in snap.deliveries.items():
@@ -334,17 +491,24 @@ class MetricsServer:
 class Metrics:
     """The daemon's metrics: the stats its ticks update, and the endpoint if enabled."""
 
-    def __init__(self, store: Callable[[], Repository], interval: int) -> None:
+    def __init__(
+        self,
+        store: Callable[[], Repository],
+        interval: int,
+        margin: Callable[[int], int] | None = None,
+    ) -> None:
         self.stats = TickStats(interval=interval)
-        self.collector = Collector(store, self.stats)
+        self.collector = Collector(store, self.stats, margin=margin)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
+        ProcessCollector(registry=self.registry)  # process_start_time_seconds: restarts
         self.server: MetricsServer | None = None
 
     def start(self, address: str) -> bool:
         """Serve on ``address`` ("": off).  A failure is logged; the daemon goes on without."""
         if not address:
             return False
+        self.collector.begin()
         try:
             self.server = MetricsServer(address, self.registry)
         except OSError as exc:
