@@ -72,9 +72,13 @@ class SshPool:
 
     def _identity(self) -> paramiko.PKey:
         if self._pkey is None:
-            # The same rules as for the signing key: no group/world access.
+            # The same rules as for the signing key: no group/world access,
+            # owned by the caller or by root.  A root-owned key serves both
+            # the daemon (the tokenlife account reads it through the unit's
+            # CAP_DAC_OVERRIDE, as it reads Slurm's key) and root's own
+            # `tokenlife push`; only root can change it.
             path = self.config.identity_file
-            read_private_file(path, {os.geteuid()}, "SSH identity file")
+            read_private_file(path, identity_owners(), "SSH identity file")
             try:
                 self._pkey = paramiko.PKey.from_path(str(path))
             except (paramiko.SSHException, ValueError, OSError) as exc:
@@ -147,7 +151,8 @@ class SshPool:
             if "not found in known_hosts" in str(exc):
                 raise TransportError(
                     f"{node}: host key of {_display(target)} is not in "
-                    f"{self.config.known_hosts}; refusing to connect"
+                    f"{self.config.known_hosts} (looked up as {known_hosts_name(target)}); "
+                    "refusing to connect"
                 ) from exc
             raise TransportError(f"{node}: ssh: {exc}") from exc
         except (OSError, EOFError) as exc:
@@ -205,6 +210,22 @@ class SshPool:
             conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
             conn.close()
+
+
+def identity_owners() -> set[int]:
+    """Who may own the SSH identity file for this process: itself and root."""
+    return {os.geteuid(), 0}
+
+
+def known_hosts_name(target: Target) -> str:
+    """The name ``target``'s host key is looked up under in known_hosts.
+
+    As OpenSSH without ``HostKeyAlias`` (and as paramiko's ``connect``): the
+    ``HostName`` an ssh_config alias resolves to, not the alias, and in the
+    ``[host]:port`` form when the port is not 22 -- what ``ssh-keyscan -p PORT
+    HOST`` prints.
+    """
+    return target.hostname if target.port == 22 else f"[{target.hostname}]:{target.port}"
 
 
 def operation_timeout(connect_timeout: int) -> float:

@@ -7,5 +7,10 @@
 # install-wrappers': they keep srun and sstat on munge, which slurmd needs).
 # It always exits 0; so does this script: a failing TaskProlog kills the task.
 ENGINE=/usr/local/bin/tokenlife-engine
-[ -x "$ENGINE" ] && "$ENGINE" env
+# Not installed here: no token, silently. Installed but failing (an interpreter
+# the job user cannot run, a broken venv): one line in the task's output, so
+# the job is not left to find out from a failing squeue.
+if [ -x "$ENGINE" ]; then
+    "$ENGINE" env || echo "print tokenlife: $ENGINE failed (exit status $?): no SLURM_JWT for this task"
+fi
 exit 0

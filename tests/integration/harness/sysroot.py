@@ -4,6 +4,10 @@ The test machine runs Debian 12 (Slurm 22.05). To test against a newer Slurm
 without a second machine, ``debootstrap`` builds a minimal Debian root with
 that release's packages; :class:`tests.integration.harness.slurm.SlurmCluster`
 then runs every daemon and client of that cluster inside it (``system_root=``).
+A plain Debian 12 root (``BOOKWORM``) is where the install guide's commands
+run (tests/integration/test_install_guide.py), each test in an
+:class:`OverlaySession`: a throw-away overlay on the cached root, so the
+cache stays pristine and what a test changed is a directory walk away.
 
 A build takes about a minute and a few hundred MB, so a root is kept in a
 cache directory and reused by later runs. :func:`ensure_root` makes that safe:
@@ -34,6 +38,8 @@ import fcntl
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -59,7 +65,7 @@ class RootSpec:
     name: str  # directory name under the cache
     suite: str  # Debian suite for debootstrap
     packages: tuple[str, ...]
-    slurm_series: str  # what ``slurmctld -V`` must report, e.g. "24.11"
+    slurm_series: str | None = None  # what ``slurmctld -V`` must report, e.g. "24.11"
 
 
 SLURM_PACKAGES = (
@@ -72,6 +78,17 @@ SLURM_PACKAGES = (
     "python3",  # the tokenlife-engine launcher of jobs runs on it
 )
 SLURM_24_11 = RootSpec("slurm-24.11-root", "trixie", SLURM_PACKAGES, "24.11")
+# A plain Debian 12 host, for tests/integration/test_install_guide.py: what the
+# install guide's commands and the .deb's maintainer scripts need beyond
+# minbase (the package's dependencies, the wheel's venv, ssh-keygen).
+BOOKWORM_PACKAGES = (
+    "python3",
+    "python3-venv",
+    "systemd",
+    "init-system-helpers",  # deb-systemd-helper, used by the package's scripts
+    "openssh-client",
+)
+BOOKWORM = RootSpec("debian-12-root", "bookworm", BOOKWORM_PACKAGES)
 
 
 def stamp(root: Path) -> dict[str, object] | None:
@@ -181,9 +198,10 @@ def _build(tmp: Path, spec: RootSpec, mirror: str, lock_fd: int) -> None:
     finally:
         log.unlink(missing_ok=True)
     versions = _installed(tmp, spec.packages)
-    series = _slurm_series(tmp)
-    if series != spec.slurm_series:
-        raise RootBuildError(f"{spec.suite} has Slurm {series}, expected {spec.slurm_series}")
+    if spec.slurm_series is not None:
+        series = _slurm_series(tmp)
+        if series != spec.slurm_series:
+            raise RootBuildError(f"{spec.suite} has Slurm {series}, expected {spec.slurm_series}")
     data = {
         "suite": spec.suite,
         "mirror": mirror,
@@ -233,3 +251,184 @@ def slurm_version(root: Path | None = None) -> str:
 
 def _slurm_series(root: Path) -> str:
     return ".".join(slurm_version(root).split(".")[:2])
+
+
+# The holder of an overlay session: the cached root as the read-only lower
+# layer, the session's changes in its own upper directory; then the kernel
+# file systems a package's scripts expect, and keep the namespace.
+_OVERLAY_HOLDER = """\
+set -e
+lower=$1; upper=$2; work=$3; merged=$4
+mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$work" "$merged"
+mount -t proc proc "$merged/proc"
+mount --rbind /dev "$merged/dev"
+mount --rbind /sys "$merged/sys"
+mount -o remount,bind,ro "$merged/sys"
+exec sleep infinity
+"""
+
+
+class OverlaySession:
+    """A throw-away copy of a cached root: an overlay in a private mount namespace.
+
+    ``with OverlaySession(root, workdir) as box: box.run("apt-get install ...")``.
+    Everything written lands in ``box.upper`` (the overlay's upper directory),
+    so the cached root stays pristine for the next session, and what changed
+    is a plain directory walk away (:meth:`changes`). A *holder* process
+    (``unshare --mount --propagation private``) owns the namespace and its
+    mounts: the overlay, ``/proc``, ``/dev`` and a read-only ``/sys``; commands
+    enter it with ``nsenter`` and ``chroot``. No systemd runs there (no
+    ``/run/systemd/system``), as in any chroot. The network is the host's. Stopping
+    kills every process left in the namespace, and the mounts go with it.
+    """
+
+    def __init__(self, root: Path, workdir: Path) -> None:
+        self.root = root
+        self.workdir = workdir
+        self.upper = workdir / "upper"
+        self.merged = workdir / "merged"
+        self._holder: subprocess.Popen[bytes] | None = None
+        self._ns: str | None = None
+
+    def __enter__(self) -> OverlaySession:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        for d in (self.upper, self.workdir / "work", self.merged):
+            d.mkdir(mode=0o755, parents=True)
+        argv = ["unshare", "--mount", "--propagation", "private", "--"]
+        argv += ["/bin/sh", "-c", _OVERLAY_HOLDER, "holder", str(self.root), str(self.upper)]
+        argv += [str(self.workdir / "work"), str(self.merged)]
+        self._holder = subprocess.Popen(
+            argv,
+            env={"PATH": PATH, "LANG": "C.UTF-8"},
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd="/",
+            start_new_session=True,
+        )
+        sleep = os.path.realpath(shutil.which("sleep", path=PATH) or "/bin/sleep")
+        host_ns = _mnt_ns("self")
+        deadline = time.monotonic() + 15
+        while True:  # it execs sleep once every mount is made
+            if self._holder.poll() is not None:
+                err = self._holder.stderr.read().decode() if self._holder.stderr else ""
+                raise RootBuildError(
+                    f"the overlay holder exited ({self._holder.returncode}): {err}"
+                )
+            if _exe(self._holder.pid) == sleep:
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RootBuildError("timed out waiting for the overlay holder")
+            time.sleep(0.01)
+        ns = _mnt_ns(self._holder.pid)
+        if ns is None or ns == host_ns:
+            self.stop()
+            raise RootBuildError("the overlay holder has no private mount namespace")
+        self._ns = ns
+
+    def run(
+        self,
+        script: str,
+        user: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str = "/",
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[str]:
+        """``sh -c script`` in the root (as ``user``, with that user's groups, if given)."""
+        if self._holder is None or self._ns is None:
+            raise RootBuildError("the overlay session is not started")
+        inner = ["/bin/sh", "-c", f'cd "$1" && shift && {script}', "sh", cwd]
+        if user is not None:
+            inner = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *inner]
+        argv = ["nsenter", f"--target={self._holder.pid}", "--mount", "--"]
+        argv += ["chroot", str(self.merged), *inner]
+        home = "/root" if user in (None, "root") else f"/home/{user}"
+        base = {"PATH": PATH, "LANG": "C.UTF-8", "HOME": home, "DEBIAN_FRONTEND": "noninteractive"}
+        return subprocess.run(
+            argv,
+            env={**base, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def path(self, inside: str) -> Path:
+        """A path in the root, as this process sees it (through the holder's /proc root)."""
+        if self._holder is None:
+            raise RootBuildError("the overlay session is not started")
+        return Path(f"/proc/{self._holder.pid}/root{self.merged}") / inside.lstrip("/")
+
+    def changes(self) -> dict[str, str]:
+        """What the session changed in the root so far: ``{"/etc/x": kind}``.
+
+        The kinds are "dir", "file", "link", and "deleted" (an overlay
+        whiteout); a file that was changed in place shows as "file".
+        """
+        found: dict[str, str] = {}
+        for dirpath, dirnames, filenames in os.walk(self.upper):
+            for name in dirnames + filenames:
+                full = os.path.join(dirpath, name)
+                st = os.lstat(full)
+                kind = (
+                    "deleted"
+                    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+                    else "dir"
+                    if stat.S_ISDIR(st.st_mode)
+                    else "link"
+                    if stat.S_ISLNK(st.st_mode)
+                    else "file"
+                )
+                found["/" + os.path.relpath(full, self.upper)] = kind
+        return found
+
+    def stop(self) -> None:
+        holder, ns = self._holder, self._ns
+        if holder is None:
+            return
+        try:
+            if ns is not None:
+                # The holder is alive meanwhile, so the namespace's inode
+                # cannot be reused by another namespace while we look.
+                spare = {holder.pid, os.getpid()}
+                deadline = time.monotonic() + 15
+                while left := [p for p in _pids() if p not in spare and _mnt_ns(p) == ns]:
+                    if time.monotonic() > deadline:
+                        raise RootBuildError(f"processes {left} in the overlay do not die")
+                    for pid in left:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    time.sleep(0.01)
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                holder.wait(10)
+            if holder.stderr is not None:
+                holder.stderr.close()
+            self._holder, self._ns = None, None
+
+
+def _mnt_ns(pid: int | str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:  # gone, or a zombie
+        return None
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
