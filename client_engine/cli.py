@@ -20,8 +20,8 @@ PROG = "tokenlife-engine"
 USAGE = f"""\
 usage: {PROG} env
        {PROG} token
-       {PROG} exec -- COMMAND [ARG...]
-       {PROG} run -- COMMAND [ARG...]
+       {PROG} exec -- CMD [ARG...]
+       {PROG} run -- CMD [ARG...]
        {PROG} install-wrappers [DIR]
 
 Worker-node side of tokenlife: hands the token delivered to this node
@@ -34,10 +34,10 @@ Worker-node side of tokenlife: hands the token delivered to this node
           wrappers drop SLURM_JWT). Always exits 0.
   token   prints the freshest valid token for the caller; exit 1 if none
           (SLURM_JWT=$({PROG} token) squeue)
-  exec    runs COMMAND with the freshest valid token in SLURM_JWT
-  run     runs COMMAND for its whole life, keeping a per-job copy of the token
+  exec    runs CMD with the freshest valid token in SLURM_JWT
+  run     runs CMD for its whole life, keeping a per-job copy of the token
           fresh at $SLURM_JWT_FILE (krenew-style; signals are forwarded and
-          COMMAND's exit status is returned)
+          CMD's exit status is returned)
   install-wrappers
           (as root, on every node) writes the Slurm command wrappers into DIR
           (default: engine.wrapper_dir, {engine_settings.DEFAULT_WRAPPER_DIR})
@@ -46,7 +46,7 @@ Environment: TOKENLIFE_CONFIG (config file, default {engine_settings.DEFAULT_CON
 {JOB_OVERRIDE}=always|steps|never (a job's own choice, overrides engine.export_jwt),
 SLURM_JOB_UID/SLURM_JOB_USER (the job's user), SLURM_JWT, SLURM_JWT_FILE.
 Exit status: 0 success, 1 no valid token (token, exec), 2 usage or configuration
-error; exec and run otherwise end with COMMAND's status. See docs/engine.md.
+error; exec and run otherwise end with CMD's status. See docs/engine.md.
 """
 
 
@@ -178,7 +178,7 @@ def _command(args: list[str], name: str) -> list[str]:
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        raise UsageError(f"{name} needs a command: {PROG} {name} -- COMMAND [ARG...]")
+        raise UsageError(f"{name} needs a command: {PROG} {name} -- CMD [ARG...]")
     return args
 
 

@@ -12,8 +12,14 @@ PACKAGES=(
   openssh-server openssh-client pamtester libpam-modules
   postgresql
   systemd util-linux
+  # The man pages are checked with man --warnings, groff -ww and lexgrog.
+  man-db groff-base
   # Slurm 24.11 runs from a Debian 13 root the tests build (and cache) with these.
   debootstrap debian-archive-keyring
+  # promtool checks the alert rules and a daemon's metrics (20 MB to fetch,
+  # 96 MB installed, seconds; under systemd Debian also starts the server it
+  # brings, on port 9090: the tests use promtool only).
+  prometheus
 )
 if [ "$(id -u)" = 0 ]; then
   missing=()

@@ -56,10 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the Slurm user or an admin), store it and write "
         "<login.token_dir>/<uid>/slurm_jwt.  The token is printed only with --print.",
     )
-    m.add_argument("user", help="user name (must exist in the user database)")
-    m.add_argument("--lifetime", type=_duration, help="token lifetime (default token.lifetime)")
+    m.add_argument("user", metavar="USER", help="user name (must exist in the user database)")
     m.add_argument(
-        "--renew-until", type=_duration, help="renewal limit from now (default token.renew_until)"
+        "--lifetime", type=_duration, metavar="D", help="token lifetime (default token.lifetime)"
+    )
+    m.add_argument(
+        "--renew-until",
+        type=_duration,
+        metavar="D",
+        help="renewal limit from now (default token.renew_until)",
     )
     m.add_argument("--print", action="store_true", help="print the token on stdout")
     m.add_argument("--json", action="store_true", help="print the record as JSON")
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     pam = sub.add_parser("pam", help="pam_exec entry (reads PAM_USER, PAM_TYPE)")
-    pam.add_argument("--socket", help="the mint service's socket")
+    pam.add_argument("--socket", metavar="PATH", help="the mint service's socket")
 
     rn = sub.add_parser(
         "renew",
@@ -90,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(the configured one, or --key), keeping its renew-until; refresh login token files.  "
         "Safe to re-run.  See docs/rotation.md for the procedure around slurmctld.",
     )
-    rk.add_argument("--key", type=Path, help="the new key file (default: the configured key)")
+    rk.add_argument(
+        "--key", type=Path, metavar="FILE", help="the new key file (default: the configured key)"
+    )
     rk.add_argument("--user", help="only this user's token")
     rk.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -113,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     rv = sub.add_parser("revoke", help="stop renewing USER's token and remove its token file")
-    rv.add_argument("user")
-    rv.add_argument("--reason", default="", help="recorded in the audit trail")
+    rv.add_argument("user", metavar="USER", help="whose active token to revoke")
+    rv.add_argument("--reason", default="", metavar="TEXT", help="recorded in the audit trail")
 
     pg = sub.add_parser(
         "purge",
@@ -130,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also drop audit events older than D",
     )
     pg.add_argument("--dry-run", action="store_true", help="show what would be deleted")
-    pg.add_argument("--json", action="store_true")
+    pg.add_argument("--json", action="store_true", help="print the result as JSON")
 
     ls = sub.add_parser(
         "list",
@@ -138,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stored tokens: state, version, exp, renew-until and, for active tokens, "
         "how many of the nodes that need the token hold its current version (NODES).",
     )
-    ls.add_argument("--user")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--user", help="only this user's tokens")
+    ls.add_argument("--json", action="store_true", help="print the records as JSON")
 
     st = sub.add_parser(
         "status",
@@ -159,18 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
         "every serve.interval; Prometheus metrics on serve.metrics (see docs/commands.md).  "
         "SIGALRM ticks now, SIGHUP reloads the configuration, SIGTERM stops.",
     )
-    serve.add_argument("--socket", type=Path, help="override producer.socket")
+    serve.add_argument("--socket", type=Path, metavar="PATH", help="override producer.socket")
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", parser_class=_Parser)
     cfg_sub.required = True
     check = cfg_sub.add_parser("check", help="validate the config and show the backends in use")
-    check.add_argument("--json", action="store_true")
+    check.add_argument("--json", action="store_true", help="print the result as JSON")
     cfg_sub.add_parser(
         "sample",
         help="print the sample configuration (every key, its default, a comment)",
-        description="Print the commented sample tokenlife.toml installed with the package: "
-        "every key at its default. Start a site's file with "
+        description="Print the sample tokenlife.toml installed with the package: every key "
+        "set, live, to its default, with a comment each. Start a site's file with "
         "'tokenlife config sample > /etc/tokenlife/tokenlife.toml'.",
     )
 
