@@ -289,6 +289,23 @@ def test_second_open_session_reuses_the_token(site: Site, alice: pwd.struct_pass
     check_token_file(site, alice)
 
 
+def test_a_token_file_spoiled_between_sessions_is_repaired(
+    site: Site, alice: pwd.struct_passwd
+) -> None:
+    """The fallback's quick check (tokenlife.app.pamlite) finds the file wrong and
+    hands the login to the full path, which puts the same token back right."""
+    service = site.pam_service(site.no_service)
+    assert pamtester(service, alice, "open_session").returncode == 0
+    token = check_token_file(site, alice)
+    site.token_file(alice).chmod(0o644)
+    site.token_file(alice).parent.chmod(0o755)
+
+    assert pamtester(service, alice, "open_session").returncode == 0
+
+    assert check_token_file(site, alice) == token
+    assert site.pam_output() == ""
+
+
 def test_close_session_does_nothing(site: Site, alice: pwd.struct_passwd) -> None:
     service = site.pam_service(site.no_service)
 

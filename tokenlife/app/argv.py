@@ -1,7 +1,5 @@
 """The command word of a ``tokenlife`` command line, found without argparse."""
 
-from __future__ import annotations
-
 
 def subcommand(argv: list[str]) -> str | None:
     """The first word that is neither an option nor the value of -c/--config."""

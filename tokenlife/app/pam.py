@@ -1,19 +1,20 @@
 """``tokenlife pam``: the pam_exec entry point, in the session stack.
 
 Runs inside every login, so it is built for speed: it asks the mint service
-over its Unix socket (one round trip, no heavy imports) and only when no
-service answers does it load the config and mint itself, leaving a record
-in the spool for the repository.  It never prints the token and never fails
-a login unless ``pam.required`` is true (and the PAM line is ``required``).
+over its Unix socket (one round trip, no heavy imports).  When no service
+answers, it first checks whether the user's token is still good and in
+place (tokenlife.app.pamlite, builtin modules only: the common login) and
+only otherwise loads the config and mints itself, leaving a record in the
+spool for the repository.  It never prints the token and never fails a
+login unless ``pam.required`` is true (and the PAM line is ``required``).
 Messages go to syslog (authpriv) and stderr, one line each.
 """
-
-from __future__ import annotations
 
 import os
 import sys
 
-# Not json, re or typing: together they cost more than the rest of a login.
+# Not json, re or typing (nor __future__): together they cost more than the
+# rest of a login (docs/producer.md, "Login cost").
 DEFAULT_SOCKET = "/run/tokenlife/mint.sock"
 #: how long a login waits for the mint service before minting itself
 SERVICE_TIMEOUT = 5.0
@@ -112,6 +113,13 @@ def _ask_service(socket_path: str, user: str) -> tuple[str, bool, str] | None:
 
 
 def _fallback(user: str, config_path: str | None) -> int:
+    try:
+        from tokenlife.app.pamlite import in_place
+    except ImportError:  # an interpreter without the builtin modules it uses
+        pass
+    else:
+        if in_place(user, config_path):
+            return 0  # the full path would change nothing: spare the login its imports
     from pathlib import Path
 
     from tokenlife.config import load
