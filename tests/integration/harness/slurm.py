@@ -35,7 +35,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -50,6 +49,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from tests.integration.harness.procfs import exe, kill_namespaces, mnt_ns
 from tests.integration.harness.sysroot import slurm_version
 
 SLURM_USER = "slurm"
@@ -597,7 +597,7 @@ PartitionName={PARTITION} Nodes={self.node_name} Default=YES MaxTime=INFINITE St
                 start_new_session=True,
             )
         sleep = os.path.realpath(shutil.which("sleep", path=PATH) or "/bin/sleep")
-        host_ns = _mnt_ns("self")
+        host_ns = mnt_ns("self")
         holder = self._holder
 
         def ready() -> bool:
@@ -605,9 +605,9 @@ PartitionName={PARTITION} Nodes={self.node_name} Default=YES MaxTime=INFINITE St
                 raise SlurmError(
                     f"the namespace holder exited ({holder.returncode})\n{self.logs()}"
                 )
-            if _exe(holder.pid) != sleep:  # it execs sleep once every mount is made
+            if exe(holder.pid) != sleep:  # it execs sleep once every mount is made
                 return False
-            ns = _mnt_ns(holder.pid)
+            ns = mnt_ns(holder.pid)
             if ns is None or ns == host_ns:
                 raise SlurmError("the namespace holder has no private mount namespace")
             self._ns = ns
@@ -622,18 +622,10 @@ PartitionName={PARTITION} Nodes={self.node_name} Default=YES MaxTime=INFINITE St
         if holder is None:
             return
         try:
-            if ns is not None and ns != _mnt_ns("self"):
-                # The holder lives on meanwhile, so the namespace's inode number
-                # cannot be reused by another namespace while we look for it.
-                spare = {holder.pid, os.getpid()}
-                deadline = time.monotonic() + 15
-                while left := [p for p in _pids() if p not in spare and _mnt_ns(p) == ns]:
-                    if time.monotonic() > deadline:
-                        raise SlurmError(f"processes {left} in the root's namespace do not die")
-                    for pid in left:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-                    time.sleep(0.01)
+            if ns is not None and ns != mnt_ns("self"):
+                left = kill_namespaces({ns}, {holder.pid, os.getpid()})
+                if left:
+                    raise SlurmError(f"processes {left} in the root's namespace do not die")
         finally:
             if holder.poll() is None:
                 holder.kill()
@@ -664,22 +656,3 @@ PartitionName={PARTITION} Nodes={self.node_name} Default=YES MaxTime=INFINITE St
                 return True
         except OSError:
             return False
-
-
-def _mnt_ns(pid: int | str) -> str | None:
-    """The mount namespace of ``pid`` (``mnt:[inode]``), None once it is gone."""
-    try:
-        return os.readlink(f"/proc/{pid}/ns/mnt")
-    except OSError:  # gone, or a zombie
-        return None
-
-
-def _exe(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-
-
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]

@@ -57,7 +57,6 @@ import contextlib
 import ipaddress
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -70,6 +69,8 @@ from types import TracebackType
 from typing import IO, Self
 
 import paramiko
+
+from tests.integration.harness.procfs import exe, kill_namespaces, mnt_ns
 
 SSHD = "/usr/sbin/sshd"  # absolute: sshd re-executes itself for every connection
 PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
@@ -109,21 +110,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _mnt_ns(pid: int | str) -> str | None:
-    """The mount namespace of ``pid`` (``mnt:[inode]``), None once it is gone."""
-    try:
-        return os.readlink(f"/proc/{pid}/ns/mnt")
-    except OSError:  # gone, or a zombie
-        return None
-
-
-def _exe(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-
-
 def _listening() -> dict[tuple[str, int], set[int]]:
     """Socket inodes of every listening IPv4 TCP socket, by (address, port)."""
     found: dict[tuple[str, int], set[int]] = {}
@@ -149,10 +135,6 @@ def _socket_inodes(pid: int) -> set[int]:
                 if link.startswith("socket:["):
                     inodes.add(int(link[8:-1]))
     return inodes
-
-
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
 def _end(proc: subprocess.Popen[bytes] | None) -> None:
@@ -609,7 +591,7 @@ class SshNodes:
         )
 
     def _start_holders(self, nodes: list[SshNode]) -> None:
-        host_ns = _mnt_ns("self")
+        host_ns = mnt_ns("self")
         for node in nodes:
             with open(node.log, "ab") as log:
                 log.write(f"=== harness: {time.strftime('%H:%M:%S')} new namespace\n".encode())
@@ -629,8 +611,8 @@ class SshNodes:
                         f"\n{self.logs(node.name)}"
                     )
                 # It execs sleep only after its tmpfs is mounted.
-                if _exe(node._holder.pid) == self._sleep_exe:
-                    ns = _mnt_ns(node._holder.pid)
+                if exe(node._holder.pid) == self._sleep_exe:
+                    ns = mnt_ns(node._holder.pid)
                     if ns is None or ns == host_ns:
                         raise SshNodesError(f"{node.name}: no private mount namespace")
                     node._ns = ns
@@ -688,7 +670,7 @@ class SshNodes:
 
     def _kill(self, nodes: list[SshNode], keep_holders: bool) -> None:
         """SIGKILL every process in the nodes' namespaces (but the holders if kept)."""
-        host_ns = _mnt_ns("self")
+        host_ns = mnt_ns("self")
         targets = {n._ns for n in nodes if n._ns is not None and n._ns != host_ns}
         # While a holder lives its namespace does too, so its inode number cannot
         # be reused by some other namespace meanwhile: holders go last.
@@ -697,17 +679,9 @@ class SshNodes:
             for node in nodes:
                 _end(node._sshd)
                 node._sshd = None
-            deadline = time.monotonic() + 15
-            while targets:
-                left = [p for p in _pids() if p not in spare and _mnt_ns(p) in targets]
-                if not left:
-                    break
-                if time.monotonic() > deadline:
-                    raise SshNodesError(f"processes {left} in the node namespaces do not die")
-                for pid in left:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                time.sleep(0.01)
+            left = kill_namespaces(targets, spare)
+            if left:
+                raise SshNodesError(f"processes {left} in the node namespaces do not die")
         finally:
             if not keep_holders:
                 for node in nodes:

@@ -38,7 +38,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import tempfile
@@ -46,6 +45,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.integration.harness.procfs import exe, kill_namespaces, mnt_ns
 
 CACHE = Path(os.environ.get("TOKENLIFE_TEST_CACHE", "/var/cache/tokenlife-tests"))
 MIRROR = os.environ.get("TOKENLIFE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -312,7 +313,7 @@ class OverlaySession:
             start_new_session=True,
         )
         sleep = os.path.realpath(shutil.which("sleep", path=PATH) or "/bin/sleep")
-        host_ns = _mnt_ns("self")
+        host_ns = mnt_ns("self")
         deadline = time.monotonic() + 15
         while True:  # it execs sleep once every mount is made
             if self._holder.poll() is not None:
@@ -320,13 +321,13 @@ class OverlaySession:
                 raise RootBuildError(
                     f"the overlay holder exited ({self._holder.returncode}): {err}"
                 )
-            if _exe(self._holder.pid) == sleep:
+            if exe(self._holder.pid) == sleep:
                 break
             if time.monotonic() > deadline:
                 self.stop()
                 raise RootBuildError("timed out waiting for the overlay holder")
             time.sleep(0.01)
-        ns = _mnt_ns(self._holder.pid)
+        ns = mnt_ns(self._holder.pid)
         if ns is None or ns == host_ns:
             self.stop()
             raise RootBuildError("the overlay holder has no private mount namespace")
@@ -395,17 +396,9 @@ class OverlaySession:
             return
         try:
             if ns is not None:
-                # The holder is alive meanwhile, so the namespace's inode
-                # cannot be reused by another namespace while we look.
-                spare = {holder.pid, os.getpid()}
-                deadline = time.monotonic() + 15
-                while left := [p for p in _pids() if p not in spare and _mnt_ns(p) == ns]:
-                    if time.monotonic() > deadline:
-                        raise RootBuildError(f"processes {left} in the overlay do not die")
-                    for pid in left:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-                    time.sleep(0.01)
+                left = kill_namespaces({ns}, {holder.pid, os.getpid()})
+                if left:
+                    raise RootBuildError(f"processes {left} in the overlay do not die")
         finally:
             if holder.poll() is None:
                 holder.kill()
@@ -414,21 +407,3 @@ class OverlaySession:
             if holder.stderr is not None:
                 holder.stderr.close()
             self._holder, self._ns = None, None
-
-
-def _mnt_ns(pid: int | str) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/mnt")
-    except OSError:  # gone, or a zombie
-        return None
-
-
-def _exe(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-
-
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
