@@ -1,7 +1,7 @@
 """The whole suite at once, on a job that outlives its token many times over.
 
 A real ``tokenlife serve`` (renewer plus SSH delivery, ticking every second)
-keeps a 10-second token alive (renew-until 1 h). The job runs for eleven
+keeps a 10-second token alive (renew-until 1 h). The job runs for ten
 token lifetimes on node01, a real sshd node whose slurmd runs in the node's
 mount namespace, with the shipped defaults (SLURM_JWT in every step, the
 Slurm wrappers first in PATH). Two things run side by side in it:
@@ -36,7 +36,7 @@ from tests.integration.harness.sshnodes import SshNodes
 pytestmark = pytest.mark.slurm
 NODE = "node01"
 LIFETIME = 10
-JOB_SECONDS = 110  # 11 lifetimes
+JOB_SECONDS = 100  # 10 lifetimes
 
 
 @dataclass
