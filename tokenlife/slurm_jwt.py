@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import binascii
 import json
-import re
-from typing import TYPE_CHECKING, Any
 
 from tokenlife.layout import FILE_NAME
 from tokenlife.tokenview import TokenView
 
+# typing costs milliseconds at run time, on every task's TaskProlog: only the
+# type checker reads the annotations.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from tokenlife.interfaces import SigningKey
     from tokenlife.users import UserInfo
 
@@ -57,6 +60,8 @@ def json_object(raw: bytes) -> dict[str, Any]:
     """
     # Brackets bound the depth: only a payload with many of them is scanned.
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        import re
+
         depth = 0
         for match in re.finditer(_JSON_NESTING, raw, re.DOTALL):
             token = match.group()

@@ -30,6 +30,8 @@ import stat
 import sys
 import time
 
+from tokenlife.durations import parse_duration
+
 # typing costs milliseconds at run time: only the type checker reads it.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -46,8 +48,6 @@ _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _MAX_TOKEN = 65536
 _MAX_DEPTH = 32
 _MAX_FILE = 1 << 20
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_MAX_DURATION = 366 * 86400
 
 DEFAULT_CONFIG = "/etc/tokenlife/tokenlife.toml"
 ENV_VAR = "TOKENLIFE_CONFIG"
@@ -282,18 +282,10 @@ def duration(value: object) -> int:
     """tokenlife.durations.parse_duration, for the values it accepts; Unsure otherwise."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise Unsure("not a duration")
-    if isinstance(value, int):
-        seconds = value
-    else:
-        text = value.strip()
-        unit = text[-1:] if text[-1:] in ("s", "m", "h", "d", "w") else ""
-        digits = text[: len(text) - len(unit)]
-        if not 0 < len(digits) <= 9 or not set(digits) <= _DIGITS:
-            raise Unsure("not a duration")
-        seconds = int(digits) * _UNITS[unit]
-    if not 0 < seconds <= _MAX_DURATION:
-        raise Unsure("duration out of range")
-    return seconds
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise Unsure("not a duration") from None
 
 
 def _store_url(value: object) -> None:
