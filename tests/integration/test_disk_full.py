@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_root, require_tool, run_cli, write_cli_site
+from client_engine import wrappers
+from tests.conftest import require_root, require_tool, run_cli, run_engine, write_cli_site
 
 KEY = secrets.token_bytes(32)
 
@@ -96,3 +97,21 @@ def test_spool_on_a_full_disk(tmp_path: Path, full: Path) -> None:
     assert again.returncode == 0 and again.stderr == ""
     assert [p.name for p in spool.iterdir()] == ["nobody.json"]
     assert os.stat(spool / "nobody.json").st_mode & 0o077 == 0
+
+
+def test_slurm_wrappers_on_a_full_disk(tmp_path: Path, full: Path) -> None:
+    """install-wrappers stops with one line; the half-written set is never used."""
+    target = full / "wrappers"
+    config = tmp_path / "engine.toml"
+    config.write_text(f'[engine]\nwrapper_dir = "{target}"\n')
+    proc = run_engine(config, "install-wrappers")
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc
+    assert "No space left on device" in lines[0], lines
+    assert not [name for name in files_under(full) if name.endswith(".tmp")]
+    # No marker: the TaskProlog refuses the directory (and says why).
+    assert "no Slurm wrappers there" in str(wrappers.problem(str(target), os.getuid()))
+    free(full)
+    proc = run_engine(config, "install-wrappers")
+    assert proc.returncode == 0, proc
+    assert wrappers.problem(str(target), os.getuid()) is None
