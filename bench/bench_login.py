@@ -7,10 +7,13 @@ tlalice@127.0.0.1 true``, pubkey only.  The cases differ only in the PAM
 service file sshd reads:
 
   no PAM line     Debian's /etc/pam.d/sshd as this host has it (the baseline)
-  service up      the same plus the shipped line of systemd/pam.d/tokenlife,
-                  its --socket pointing at a running ``tokenlife serve``
-  service down    the same line, its --socket pointing where nothing listens:
-                  ``tokenlife pam`` does without the service (spool record)
+  service up      the same plus the shipped line of systemd/pam.d/tokenlife
+                  (pam_tokenlife.so, built from producer/pam for the run), its
+                  socket= pointing at a running ``tokenlife serve``
+  service down    the same line, its socket= pointing where nothing listens:
+                  the module runs ``tokenlife pam --no-service`` (spool record)
+  pam_exec, ...   the shipped file's other line (commented out there): pam_exec
+                  running ``tokenlife pam``, service up and down
 
 ``--calibrate`` adds the same pam_exec line running ``/bin/true`` and the
 install's ``python -c pass``: what pam_exec itself costs, and what starting
@@ -54,7 +57,8 @@ paired estimate, less sensitive to drift).  A login varies by tens of
 milliseconds on a busy machine: telling a few milliseconds apart takes a few
 hundred runs (``-n 300``) and a quiet machine.  A second table times the PAM command alone, run
 directly with PAM_TYPE/PAM_USER set, next to the interpreter's own start.
-Targets (reported, never asserted): service up <= 3 %, service down <= 10 %.
+Targets (reported, never asserted): service up <= 3 %, service down <= 10 %,
+for the shipped (first) line.
 
 Run as root (sshd, namespaces, the test user):  .venv/bin/python bench/bench_login.py
 """
@@ -81,13 +85,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.integration.harness import pam_module  # noqa: E402
 from tests.integration.harness.users import ALICE, ensure_user  # noqa: E402
 
 PACKAGES = ("tokenlife", "producer", "repository", "transfer", "client_engine")
 SSHD = "/usr/sbin/sshd"  # absolute: sshd re-executes itself for every connection
 HOST_PAM = Path("/etc/pam.d/sshd")
 SHIPPED_LINE = REPO / "systemd" / "pam.d" / "tokenlife"
-CASES = ("no PAM line", "service up", "service down")
+CASES = (
+    "no PAM line",
+    "service up",
+    "service down",
+    "pam_exec, service up",
+    "pam_exec, service down",
+)
 #: --calibrate: the PAM line with another program (PYTHON: the install's interpreter)
 CALIBRATION = {
     "pam_exec /bin/true": ["/bin/true"],
@@ -123,16 +134,37 @@ def install_like_production(work: Path) -> Path:
     return venv / "bin"
 
 
+def shipped_lines() -> tuple[list[str], list[str]]:
+    """The shipped file's PAM line (the module) and its pam_exec alternative, as words."""
+    text = SHIPPED_LINE.read_text().splitlines()
+    (active,) = [raw for raw in text if raw.strip() and raw[0] != "#"]
+    (other,) = [raw[1:] for raw in text if raw.startswith("#session")]
+    return shlex.split(active), shlex.split(other)
+
+
+def module_command(module: Path, bindir: Path, config: Path, sock: Path) -> list[str]:
+    """The shipped module line, adapted to this run: the module built here, its
+    socket= ``sock``, its fallback= in ``bindir``, and config= ``config``."""
+    words, _ = shipped_lines()
+    out = []
+    for word in words:
+        if word == "pam_tokenlife.so":
+            word = str(module)
+        elif word.startswith("socket="):
+            word = f"socket={sock}"
+        elif word.startswith("fallback="):
+            word = f"fallback={bindir / Path(word.partition('=')[2]).name}"
+        out.append(word)
+    return [*out, f"config={config}"]
+
+
 def pam_command(bindir: Path, config: Path, sock: Path) -> list[str]:
-    """The shipped PAM line's module and arguments, adapted to this install.
+    """The shipped pam_exec line's module and arguments, adapted to this install.
 
     The program keeps its name (a changed line is measured as shipped) but
     lives in ``bindir``; ``-c CONFIG`` follows it; ``--socket`` is ``sock``.
     """
-    (line,) = [
-        raw for raw in SHIPPED_LINE.read_text().splitlines() if raw.strip() and raw[0] != "#"
-    ]
-    words = shlex.split(line)
+    _, words = shipped_lines()
     at = next(i for i, w in enumerate(words) if w.startswith("/") and "tokenlife" in w)
     words[at] = str(bindir / Path(words[at]).name)
     words.insert(at + 1, "-c")
@@ -412,20 +444,25 @@ def main() -> None:
         keys.write_text(Path(f"{client_key}.pub").read_text())
         keys.chmod(0o644)
         base = HOST_PAM.read_text()
-        up_line = pam_command(bindir, up_cfg, sock)
+        module = pam_module.build(work / "pam-module")
         nobody = work / "nobody-listens.sock"
+        up_line = pam_command(bindir, up_cfg, sock)
         down_line = pam_command(bindir, down_cfg, nobody)
+        module_up = module_command(module, bindir, up_cfg, sock)
+        module_down = module_command(module, bindir, down_cfg, nobody)
         pam_texts = {
             "no PAM line": base,
-            "service up": base + shlex.join(up_line) + "\n",
-            "service down": base + shlex.join(down_line) + "\n",
+            "service up": base + shlex.join(module_up) + "\n",
+            "service down": base + shlex.join(module_down) + "\n",
+            "pam_exec, service up": base + shlex.join(up_line) + "\n",
+            "pam_exec, service down": base + shlex.join(down_line) + "\n",
         }
         cases = list(CASES)
         if args.compare:
             # Another install's tokenlife (an older release, say) in the same rounds.
             for name, line in (
-                ("service up, --compare", pam_command(args.compare, up_cfg, sock)),
-                ("service down, --compare", pam_command(args.compare, down_cfg, nobody)),
+                ("pam_exec, service up, --compare", pam_command(args.compare, up_cfg, sock)),
+                ("pam_exec, service down, --compare", pam_command(args.compare, down_cfg, nobody)),
             ):
                 pam_texts[name] = base + shlex.join(line) + "\n"
                 cases.append(name)
@@ -486,8 +523,12 @@ def main() -> None:
             env = {"PATH": "/usr/bin:/bin", "PAM_TYPE": "open_session", "PAM_USER": user.pw_name}
             argvs = {
                 "python -c pass (the interpreter's start)": [str(bindir / "python"), "-c", "pass"],
-                "PAM command, service up": program(up_line, bindir),
-                "PAM command, service down": program(down_line, bindir),
+                "pam_exec's command, service up": program(up_line, bindir),
+                "pam_exec's command, service down": program(down_line, bindir),
+                "the module's fallback (service down)": [
+                    str(bindir / "tokenlife"),
+                    *("-c", str(down_cfg), "pam", "--no-service"),
+                ],
             }
             direct = {name: [] for name in argvs}
             for _ in range(args.runs):
@@ -542,7 +583,7 @@ def main() -> None:
             for name, s in direct.items()
         ]
         print(table(["what", "p50", "p90"], rows))
-    print(f"\nPAM line measured: {shlex.join(up_line)}")
+    print(f"\nPAM lines measured: {shlex.join(module_up)}\n    {shlex.join(up_line)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@
 # versions needed), plus the systemd, Slurm and PAM files of systemd/.  Read
 # packaging/README.md for the layout and the maintainer scripts.
 #
-# Needs: /usr/bin/python3 with venv (python3-venv), dpkg-deb, and PyPI or a
+# Needs: /usr/bin/python3 with venv (python3-venv), dpkg-deb, make, a C
+# compiler and libpam's headers (gcc libc6-dev libpam0g-dev: the PAM
+# module, producer/pam), and PyPI or a
 # wheelhouse (pip's own settings apply: PIP_INDEX_URL, PIP_FIND_LINKS,
 # PIP_NO_INDEX, PIP_CONSTRAINT to pin the versions to a tested set).  Not root:
 # dpkg-deb --root-owner-group makes every file root's.  pip's cache is reused,
@@ -100,6 +102,9 @@ for f in "$tree"/systemd/slurm/*; do
     fix "$f" "$share/slurm/$(basename "$f")"
 done
 fix "$tree/systemd/pam.d/tokenlife" "$share/pam.d/tokenlife"
+# The native PAM module, where Debian's PAM looks (/usr/lib/<multiarch>/security).
+say "pam_tokenlife.so"
+make -s -C "$tree/producer/pam" OUT="$work" DESTDIR="$stage" install
 mkdir -p "$share/profile.d"                    # for login nodes, not activated
 cp "$tree/systemd/profile.d/tokenlife.sh" "$share/profile.d/tokenlife.sh"
 # The sample configuration, every key at its default: a conffile.

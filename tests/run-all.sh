@@ -10,6 +10,8 @@ PACKAGES=(
   python3 python3-venv python3-dev
   slurmctld slurmd slurmrestd slurm-client slurm-wlm-jwt-plugin munge
   openssh-server openssh-client pamtester libpam-modules
+  # The native PAM module (producer/pam) is built by its Makefile.
+  make gcc libc6-dev libpam0g-dev
   postgresql
   systemd util-linux
   # The man pages are checked with man --warnings, groff -ww and lexgrog.

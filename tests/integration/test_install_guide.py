@@ -241,6 +241,12 @@ def check_installed(box: OverlaySession, tokenlife_bin: str, system: str) -> Non
     run(box, "test -f /usr/libexec/tokenlife/slurm/.tokenlife-wrappers")
     for script in ("taskprolog.sh", "epilog.sh", "prolog_slurmctld.sh"):
         run(box, f"test -x /usr/share/tokenlife/slurm/{script}")
+    # The PAM module the shipped line names, where PAM finds it, loadable.
+    line = run(box, "grep -v '^#' /usr/share/tokenlife/pam.d/tokenlife").split()
+    assert line[:3] == ["session", "optional", "pam_tokenlife.so"], line
+    module = "/usr/lib/x86_64-linux-gnu/security/pam_tokenlife.so"
+    assert run(box, f"stat -c '%a %U' {module}").strip() == "644 root"
+    run(box, f"/usr/bin/python3 -c 'import ctypes; ctypes.CDLL(\"{module}\").pam_sm_open_session'")
     # Every path the snippets and units name is the installed command.
     named = run(
         box,
@@ -327,6 +333,8 @@ def test_the_guide_installs_and_removes_the_wheel(box: OverlaySession, packages:
     shutil.copy(packages.wheel, work)
     shutil.copytree(packages.wheels, work / "wheels")
     shutil.copytree(REPO / "systemd", work / "systemd")
+    pam_source = REPO / "producer" / "pam"
+    shutil.copytree(pam_source, work / "producer" / "pam", ignore=shutil.ignore_patterns("*.so"))
     for block in guide_blocks(text, "wheel", "host"):
         run(box, block)
     check_installed(box, "/usr/local/bin/tokenlife", "/etc")

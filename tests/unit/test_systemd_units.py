@@ -205,12 +205,25 @@ def tokenlife_invocations() -> list[tuple[str, list[str]]]:
         for key, val in parse_unit(unit).get("Service", []):
             if key.startswith("Exec") and "tokenlife" in val:
                 found.append((f"{unit.name} {key}", shlex.split(val.lstrip("-@:+!"))))
-    for line in PAM_FILE.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            argv = shlex.split(line)
-            start = next(i for i, w in enumerate(argv) if "tokenlife" in w)
-            found.append((PAM_FILE.name, argv[start:]))
+    module, pam_exec = pam_lines()
+    # The module runs its fallback= as "PROGRAM pam --no-service".
+    fallback = next(w for w in module if w.startswith("fallback=")).partition("=")[2]
+    found.append((f"{PAM_FILE.name} (module)", [fallback, "pam", "--no-service"]))
+    start = next(i for i, w in enumerate(pam_exec) if "tokenlife" in w)
+    found.append((f"{PAM_FILE.name} (pam_exec)", pam_exec[start:]))
     return found
+
+
+def pam_lines() -> tuple[list[str], list[str]]:
+    """The PAM file's active line (the module) and its commented-out pam_exec line."""
+    lines = PAM_FILE.read_text().splitlines()
+    (active,) = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    (other,) = [line[1:] for line in lines if line.startswith("#session")]
+    module = shlex.split(active)
+    assert module[:3] == ["session", "optional", "pam_tokenlife.so"], module
+    pam_exec = shlex.split(other)
+    assert pam_exec[:3] == ["session", "optional", "pam_exec.so"], pam_exec
+    return module, pam_exec
 
 
 def test_every_invocation_uses_the_installed_path() -> None:
@@ -373,9 +386,15 @@ def test_daemon_notifications_match_the_code() -> None:
     assert "SIGHUP" in source and "-HUP" in value(unit, "Service", "ExecReload")
 
 
-def test_pam_line_uses_the_default_socket() -> None:
-    argv = dict(tokenlife_invocations())[PAM_FILE.name]
-    assert argv[argv.index("--socket") + 1] == str(configmod.Config().producer.socket)
+def test_pam_lines_use_the_default_socket() -> None:
+    default = str(configmod.Config().producer.socket)
+    module, pam_exec = pam_lines()
+    assert f"socket={default}" in module
+    assert pam_exec[pam_exec.index("--socket") + 1] == default
+    # The module's own defaults: the same socket, and the package's command.
+    source = (REPO / "producer" / "pam" / "pam_tokenlife.c").read_text()
+    assert f'#define DEFAULT_SOCKET "{default}"' in source
+    assert '#define DEFAULT_FALLBACK "/usr/bin/tokenlife"' in source
 
 
 # --- the timer --------------------------------------------------------------

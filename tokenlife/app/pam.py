@@ -28,7 +28,7 @@ _SERVICE_TROUBLE = (
 )
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
-USAGE = "usage: tokenlife [-c CONFIG] [-v] [--debug] pam [--socket PATH]"
+USAGE = "usage: tokenlife [-c CONFIG] [-v] [--debug] pam [--socket PATH] [--no-service]"
 
 
 def _say(message: str) -> None:
@@ -41,7 +41,7 @@ def _say(message: str) -> None:
 
 def main(argv: list[str]) -> int:
     """``argv`` is the whole command line after the program name."""
-    config_path, socket_path = None, DEFAULT_SOCKET
+    config_path, socket_path, ask = None, DEFAULT_SOCKET, True
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -56,6 +56,8 @@ def main(argv: list[str]) -> int:
                 socket_path = value
             else:
                 config_path = value
+        elif arg == "--no-service":
+            ask = False  # pam_tokenlife.so asked already: it runs this when nobody answered
         elif arg in ("-h", "--help"):
             print(USAGE)
             return 0
@@ -64,7 +66,7 @@ def main(argv: list[str]) -> int:
     if os.environ.get("PAM_TYPE") != "open_session":
         return 0  # close_session and the other stacks: nothing to do
     user = os.environ.get("PAM_USER", "")
-    if user and set(user) <= _NAME_CHARS and len(user) <= 32:
+    if ask and user and set(user) <= _NAME_CHARS and len(user) <= 32:
         answer = _ask_service(socket_path, user)
         if answer is not None:
             status, required, message = answer

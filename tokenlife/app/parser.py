@@ -74,8 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="mint in this process even if the mint service is running",
     )
 
-    pam = sub.add_parser("pam", help="pam_exec entry (reads PAM_USER, PAM_TYPE)")
+    pam = sub.add_parser(
+        "pam", help="pam_exec entry, and pam_tokenlife.so's fallback (reads PAM_USER, PAM_TYPE)"
+    )
     pam.add_argument("--socket", metavar="PATH", help="the mint service's socket")
+    pam.add_argument(
+        "--no-service",
+        action="store_true",
+        help="do not ask the mint service (pam_tokenlife.so asked already)",
+    )
 
     rn = sub.add_parser(
         "renew",

@@ -88,6 +88,11 @@ BOOKWORM_PACKAGES = (
     "systemd",
     "init-system-helpers",  # deb-systemd-helper, used by the package's scripts
     "openssh-client",
+    # The wheel's path builds the PAM module as the guide says.
+    "make",
+    "gcc",
+    "libc6-dev",
+    "libpam0g-dev",
 )
 BOOKWORM = RootSpec("debian-12-root", "bookworm", BOOKWORM_PACKAGES)
 
