@@ -22,6 +22,7 @@ usage: {PROG} env
        {PROG} token
        {PROG} exec -- CMD [ARG...]
        {PROG} run -- CMD [ARG...]
+       {PROG} check [--time-limit T] [--quiet]
        {PROG} install-wrappers [DIR]
 
 Worker-node side of tokenlife: hands the token delivered to this node
@@ -38,6 +39,10 @@ Worker-node side of tokenlife: hands the token delivered to this node
   run     runs CMD for its whole life, keeping a per-job copy of the token
           fresh at $SLURM_JWT_FILE (krenew-style; signals are forwarded and
           CMD's exit status is returned)
+  check   exits 0 if the caller's token is valid and its renewable life lasts T (a
+          Slurm time limit: MM, HH:MM:SS, D-HH:MM, UNLIMITED; default 0),
+          3 if it ends sooner (log in again to start a new one), 1 if there
+          is no valid token; one line says which (--quiet: only failures)
   install-wrappers
           (as root, on every node) writes the Slurm command wrappers into DIR
           (default: engine.wrapper_dir, {engine_settings.DEFAULT_WRAPPER_DIR})
@@ -45,8 +50,9 @@ Worker-node side of tokenlife: hands the token delivered to this node
 Environment: TOKENLIFE_CONFIG (config file, default {engine_settings.DEFAULT_CONFIG}),
 {JOB_OVERRIDE}=always|steps|never (a job's own choice, overrides engine.export_jwt),
 SLURM_JOB_UID/SLURM_JOB_USER (the job's user), SLURM_JWT, SLURM_JWT_FILE.
-Exit status: 0 success, 1 no valid token (token, exec), 2 usage or configuration
-error; exec and run otherwise end with CMD's status. See docs/engine.md.
+Exit status: 0 success, 1 no valid token (token, exec, check), 2 usage or
+configuration error, 3 the token will not last the time limit (check); exec and
+run otherwise end with CMD's status. See docs/engine.md.
 """
 
 
@@ -195,6 +201,28 @@ def _exec(environ: os._Environ[str], args: list[str]) -> int:
         return 127 if isinstance(exc, FileNotFoundError) else 126
 
 
+def _check(environ: os._Environ[str], args: list[str]) -> int:
+    from client_engine import check
+
+    try:
+        limit, quiet = check.parse_args(args)
+    except check.BadTimeLimit as exc:
+        raise UsageError(str(exc)) from None
+    now = time.time()
+    try:
+        token = best_token(environ, now)
+    except BadConfig:
+        raise
+    except Refused as exc:
+        raise Refused(f"no valid token: {exc}") from None
+    status, line = check.verdict(token, limit, now)
+    if status:
+        print(f"{PROG}: {line}", file=sys.stderr)
+    elif not quiet:
+        print(f"{PROG}: {line}")
+    return status
+
+
 def _install_wrappers(args: list[str]) -> int:
     if len(args) > 1 or (args and not args[0].startswith("/")):
         raise UsageError(f"usage: {PROG} install-wrappers [DIR] (an absolute path)")
@@ -245,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             return _exec(environ, args)
         if command == "run":
             return _run(environ, args)
+        if command == "check":
+            return _check(environ, args)
         if command == "install-wrappers":
             return _install_wrappers(args)
         raise UsageError(f"unknown command line: {' '.join(argv) or '(none)'}; see --help")

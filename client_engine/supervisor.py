@@ -245,6 +245,8 @@ class Supervisor:
         self.warned: Token | None = None
         #: a token expired with no successor; say so when one arrives
         self.lost = False
+        #: the renew-until announced as the end of the chain (said once per chain)
+        self.chain_end: int | None = None
         self.watch: DeliveryWatch | None = None
 
     # -- the token ---------------------------------------------------------------
@@ -299,16 +301,27 @@ class Supervisor:
         elif best is not None and not self.written:
             self._write(best)
         token = self.current
-        if (
-            token is not None
-            and self.warned is not token
-            and now >= windows(token, self.settings)[1]
-        ):
-            self.warned = token
+        if token is None:
+            return
+        last = token.renew_until is not None and token.exp >= token.renew_until
+        if last and self.chain_end != token.renew_until:
+            # The last token of its chain (krenew's warning): only a new login helps.
+            self.chain_end = token.renew_until
             say(
-                f"token expires in {max(0, int(token.exp - now))}s and no newer one has "
-                "arrived: renewal or delivery is failing"
+                f"the token cannot be renewed past its renew-until, {int(token.exp - now)}s "
+                "from now: log in again to start a new one (it reaches this job), or the "
+                "job has no token after that"
             )
+        if self.warned is not token and now >= windows(token, self.settings)[1]:
+            self.warned = token
+            left = max(0, int(token.exp - now))
+            if last:
+                say(f"token expires in {left}s, at its renew-until, and no new login has come")
+            else:
+                say(
+                    f"token expires in {left}s and no newer one has arrived: renewal or "
+                    "delivery is failing"
+                )
 
     def _write(self, token: Token) -> None:
         owner = None if os.geteuid() == self.uid else self.uid  # root running a user's job

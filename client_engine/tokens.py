@@ -36,10 +36,22 @@ class Refused(Exception):
 class Token:
     """A token read from ``source`` (a path, or ``SLURM_JWT``)."""
 
-    __slots__ = ("exp", "iat", "source", "sun", "value")
+    __slots__ = ("exp", "iat", "renew_until", "source", "sun", "value", "version")
 
-    def __init__(self, value: str, sun: str, exp: int, iat: int, source: str) -> None:
+    def __init__(
+        self,
+        value: str,
+        sun: str,
+        exp: int,
+        iat: int,
+        source: str,
+        renew_until: int | None = None,
+        version: int | None = None,
+    ) -> None:
         self.value, self.sun, self.exp, self.iat, self.source = value, sun, exp, iat, source
+        #: the end of the token's renewable life and its number in the chain,
+        #: when the token says (tokenlife's claim); None otherwise
+        self.renew_until, self.version = renew_until, version
 
     def __repr__(self) -> str:  # never the token itself
         return f"Token(sun={self.sun!r}, exp={self.exp}, source={self.source!r})"
@@ -63,7 +75,7 @@ def parse(value: str, source: str) -> Token:
         view = KIND.read(value)
     except (ValueError, RecursionError) as exc:  # the kind refuses deep nesting: belt and braces
         raise Refused(f"{source}: {exc}") from None
-    return Token(value, view.subject, view.exp, view.iat, source)
+    return Token(value, view.subject, view.exp, view.iat, source, view.renew_until, view.version)
 
 
 def read_file(path: str, uid: int) -> str:

@@ -125,7 +125,7 @@ class Minter:
                 return existing, False
         limit = now + span
         exp = min(now + lifetime, limit)
-        token = self.kind.make(key, user, now, exp)
+        token = self.kind.make(key, user, now, exp, renew_until=limit, version=1)
         record = TokenRecord(
             token_id=secrets.token_hex(8),
             user=user.name,
@@ -151,13 +151,19 @@ class Minter:
         return record, True
 
     def reusable(self, user: UserInfo, key: SigningKey, now: int) -> TokenRecord | None:
-        """The stored token if it is still good for a while and signed by today's key."""
+        """The stored token if it is still good for a while, its chain younger than
+        one lifetime, and signed by today's key."""
         record = self.store.current(user.name)
         if record is None or record.state != ACTIVE or record.uid != user.uid:
             return None
         t = self.config.token
         margin = max(t.renew_before, int(record.lifetime * t.renew_fraction))
         if now >= record.exp - margin or now >= record.renew_until:
+            return None
+        # A chain older than one lifetime is not reused: this login starts a
+        # new one, as kinit does, so users who log in now and then keep their
+        # jobs' tokens past any one chain's renew-until (docs/producer.md).
+        if now - record.first_issued >= record.lifetime:
             return None
         if record.key_id != key.key_id:
             return None

@@ -149,7 +149,14 @@ class Renewer:
                     info = infos[record.user] = self.users(record.user)
                 if info.uid != record.uid:
                     return Expired(f"user {record.user} now has uid {info.uid}")
-                token = kind.make(key[0], info, now, decision.new_exp)
+                token = kind.make(
+                    key[0],
+                    info,
+                    now,
+                    decision.new_exp,
+                    renew_until=record.renew_until,
+                    version=record.version + 1,
+                )
             except Exception as exc:
                 # One token's trouble (a user database error, a bug) is that
                 # token's failure, backed off in the store: never the batch's.

@@ -294,8 +294,21 @@ class TokenKind(Protocol):
     #: the token file's name in <dir>/<uid>/ on login and worker nodes
     file_name: str
 
-    def make(self, key: SigningKey, user: UserInfo, iat: int, exp: int) -> str:
-        """A token for ``user`` valid from ``iat`` until ``exp``, signed by ``key``."""
+    def make(
+        self,
+        key: SigningKey,
+        user: UserInfo,
+        iat: int,
+        exp: int,
+        renew_until: int | None = None,
+        version: int | None = None,
+    ) -> str:
+        """A token for ``user`` valid from ``iat`` until ``exp``, signed by ``key``.
+
+        ``renew_until`` and ``version`` (the chain's end and the token's number
+        in it) go into the token where the kind has room for them, so that a
+        node can tell them without the store (``read``).
+        """
         ...
 
     def verify(self, key: SigningKey, token: str) -> dict[str, Any]:
@@ -303,7 +316,8 @@ class TokenKind(Protocol):
         ...
 
     def read(self, text: str) -> TokenView:
-        """Subject and times from the token text, unverified; ValueError if unreadable."""
+        """Subject, times (and renew-until, version if the token has them) from the
+        token text, unverified; ValueError if unreadable."""
         ...
 
 

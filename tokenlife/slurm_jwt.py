@@ -36,8 +36,19 @@ MAX_DEPTH = 32
 _JSON_NESTING = rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]'
 
 
-def build_claims(user: UserInfo, iat: int, exp: int) -> dict[str, Any]:
-    return {
+#: tokenlife's own claim: {"renew_until": epoch, "version": n}.  Slurm reads
+#: only exp and sun (or username) and ignores the rest (DESIGN.md).
+CLAIM = "tokenlife"
+
+
+def build_claims(
+    user: UserInfo,
+    iat: int,
+    exp: int,
+    renew_until: int | None = None,
+    version: int | None = None,
+) -> dict[str, Any]:
+    claims: dict[str, Any] = {
         "iat": iat,
         "exp": exp,
         "sun": user.name,
@@ -50,6 +61,18 @@ def build_claims(user: UserInfo, iat: int, exp: int) -> dict[str, Any]:
             "gids": list(user.gids),
         },
     }
+    ours = {
+        name: value
+        for name, value in (("renew_until", renew_until), ("version", version))
+        if value is not None
+    }
+    if ours:
+        claims[CLAIM] = ours
+    return claims
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if type(value) is int else None
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -104,8 +127,16 @@ class SlurmJwt:
     name = "slurm_jwt"
     file_name = FILE_NAME
 
-    def make(self, key: SigningKey, user: UserInfo, iat: int, exp: int) -> str:
-        return key.sign(build_claims(user, iat, exp))
+    def make(
+        self,
+        key: SigningKey,
+        user: UserInfo,
+        iat: int,
+        exp: int,
+        renew_until: int | None = None,
+        version: int | None = None,
+    ) -> str:
+        return key.sign(build_claims(user, iat, exp, renew_until, version))
 
     def verify(self, key: SigningKey, token: str) -> dict[str, Any]:
         return key.verify(token)
@@ -116,4 +147,9 @@ class SlurmJwt:
         exp, iat = claims.get("exp"), claims.get("iat")
         if not isinstance(sun, str) or type(exp) is not int or type(iat) not in (int, type(None)):
             raise ValueError("token without a user name (sun) or expiry (exp)")
+        ours = claims.get(CLAIM)
+        if isinstance(ours, dict):
+            renew_until = _int_or_none(ours.get("renew_until"))
+            version = _int_or_none(ours.get("version"))
+            return TokenView(sun, exp, iat or 0, renew_until, version)
         return TokenView(sun, exp, iat or 0)

@@ -60,10 +60,15 @@ def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def make_token(sun: str = USER, ttl: int = 600, age: int = 0) -> str:
-    """A token issued ``age`` seconds ago that expires ``ttl`` seconds from now."""
+def make_token(
+    sun: str = USER, ttl: int = 600, age: int = 0, renew_until: int | None = None
+) -> str:
+    """A token issued ``age`` seconds ago that expires ``ttl`` seconds from now
+    (with tokenlife's claim when ``renew_until`` is given)."""
     now = int(time.time())
-    claims = {"iat": now - age, "exp": now + ttl, "sun": sun}
+    claims: dict[str, object] = {"iat": now - age, "exp": now + ttl, "sun": sun}
+    if renew_until is not None:
+        claims["tokenlife"] = {"renew_until": renew_until, "version": 1}
     header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
     return f"{header}.{b64(json.dumps(claims).encode())}.{b64(os.urandom(32))}"
 
@@ -445,3 +450,28 @@ def test_foreign_or_insecure_tokens_are_refused(node: Node) -> None:
     token = node.deliver(make_token())
     wait_for(lambda: read(run.copy) == token, "the good token in the copy")
     assert run.stop() == 0
+
+
+# -- the end of a chain --------------------------------------------------------------
+
+
+def test_the_last_token_of_a_chain_is_announced_once(node: Node) -> None:
+    """krenew's warning: the token at its renew-until cannot be renewed; only a
+    new login helps.  A token with renewable life left says nothing."""
+    now = int(time.time())
+    node.deliver(make_token(ttl=600, renew_until=now + 3600))
+    run = node.start()
+    run.info()
+    time.sleep(0.3)
+    quiet = run.stderr
+    node.deliver(make_token(ttl=300, renew_until=now + 300, age=-1))
+    wait_for(lambda: "renew-until" in run.stderr, "the chain's end to be announced")
+    node.deliver(make_token(ttl=300, renew_until=now + 300, age=-2))
+    time.sleep(0.3)
+
+    assert run.stop() == 0
+    assert quiet == ""
+    lines = [line for line in run.stderr.splitlines() if "renew-until" in line]
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("tokenlife-engine: the token cannot be renewed past its ")
+    assert "log in again" in lines[0]

@@ -61,6 +61,8 @@ def test_claims_and_limits(store: object, tmp_path: Path) -> None:
         "uid": user.uid,
         "gid": user.gid,
         "id": {"gecos": user.gecos, "dir": user.dir, "shell": user.shell, "gids": list(user.gids)},
+        # tokenlife's own: the chain's end and the token's number in it
+        "tokenlife": {"renew_until": now + 7 * 86400, "version": 1},
     }
     assert record.token not in repr(record) and record.token not in str(record)
 

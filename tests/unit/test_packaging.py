@@ -83,7 +83,10 @@ def test_the_shipped_files_name_the_path_the_package_rewrites() -> None:
     for path in shipped:
         for found in re.findall(r"\S*/tokenlife(?:-engine)?\b(?![./-])", path.read_text()):
             if "bin/" in found:
-                assert found.split("=")[-1].startswith("/usr/local/bin/tokenlife"), (path, found)
+                assert found.split("=")[-1].strip("\"'").startswith("/usr/local/bin/tokenlife"), (
+                    path,
+                    found,
+                )
 
 
 # --- the TaskProlog ---------------------------------------------------------------

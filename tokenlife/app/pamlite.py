@@ -468,6 +468,8 @@ def _in_place(user: str, config_path: str | None) -> bool:
     margin = max(settings.renew_before, int(record["lifetime"] * settings.renew_fraction))
     if now >= record["exp"] - margin or now >= record["renew_until"]:
         return False
+    if now - record["first_issued"] >= record["lifetime"]:
+        return False  # an old chain: this login starts a new one
     if record["key_id"] != "sha256:" + _SHA256(secret).hexdigest()[:16]:
         return False
     claims = _claims(record["token"], secret)
