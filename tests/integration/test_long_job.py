@@ -1,8 +1,10 @@
 """The whole suite at once, on a job that outlives its token many times over.
 
 A real ``tokenlife serve`` (renewer plus SSH delivery, ticking every second)
-keeps a 10-second token alive (renew-until 1 h). The job runs for ten
-token lifetimes on node01, a real sshd node whose slurmd runs in the node's
+keeps a 10-second token alive; a chain is renewable for 40 s only, and the
+user logs in again (``tokenlife pam``, as the PAM line runs it) every 25 s,
+each login starting a new chain. The job runs for ten token lifetimes, over
+several chains, on node01, a real sshd node whose slurmd runs in the node's
 mount namespace, with the shipped defaults (SLURM_JWT in every step, the
 Slurm wrappers first in PATH). Two things run side by side in it:
 
@@ -13,11 +15,16 @@ Slurm wrappers first in PATH). Two things run side by side in it:
 * under ``tokenlife-engine run``, ``tokenlife-engine exec -- squeue`` every
   few seconds, and a sampler that checks ``$SLURM_JWT_FILE`` five times a
   second for an expired token.
+
+Beside it, a second user's job under ``tokenlife-engine run`` gets no new
+login: its stderr says that the token cannot be renewed any more before the
+chain's renew-until comes (and the token expires).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 import tempfile
@@ -36,7 +43,10 @@ from tests.integration.harness.sshnodes import SshNodes
 pytestmark = pytest.mark.slurm
 NODE = "node01"
 LIFETIME = 10
-JOB_SECONDS = 100  # 10 lifetimes
+RENEWABLE = 40  # each chain's renew-until, from its first token
+LOGIN_EVERY = 25  # seconds between the first user's logins: each starts a chain
+JOB_SECONDS = 100  # 10 lifetimes, over several chains
+CHAIN_END_JOB = RENEWABLE + 15  # the second user's job: past its only chain's end
 
 
 @dataclass
@@ -110,7 +120,7 @@ def site(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[Sit
     require_tool("python3")
     if slurm_target.system_root is None:
         require_tool(*SLURM_TOOLS, "sshd", "unshare", "nsenter", "ssh-keygen")
-    alice, _ = test_users
+    alice, bob = test_users
     work = Path(tempfile.mkdtemp(prefix="tl-longjob-"))
     work.chmod(0o755)
     try:
@@ -124,11 +134,13 @@ def site(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[Sit
             config = work / "tokenlife.toml"
             config_text = (
                 f'[key]\npath = "{key}"\n'
-                f'[token]\nlifetime = "{LIFETIME}"\nrenew_until = "1h"\nrenew_before = "5"\n'
+                f'[token]\nlifetime = "{LIFETIME}"\nrenew_until = "{RENEWABLE}"\n'
+                'renew_before = "5"\n'
                 f'[store]\nurl = "sqlite:///{work}/db.sqlite"\nspool_dir = "{work}/spool"\n'
                 f'[login]\ntoken_dir = "{work}/login"\n'
+                f'[producer]\nsocket = "{work}/mint.sock"\n'
                 '[serve]\ninterval = "1"\nmetrics = ""\n'
-                f'[delivery.static]\n{alice} = ["{NODE}"]\n'
+                f'[delivery.static]\n{alice} = ["{NODE}"]\n{bob} = ["{NODE}"]\n'
             )
             # The node's engine: the defaults, with the wrappers installed here.
             engine = f'[engine]\nwrapper_dir = "{work}/wrappers"\n'
@@ -180,12 +192,37 @@ def site(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[Sit
         shutil.rmtree(work, ignore_errors=True)
 
 
+def login(site: Site, user: str) -> None:
+    """What the PAM line does at a login: ``tokenlife pam`` asks the running service."""
+    env = {"PAM_TYPE": "open_session", "PAM_USER": user}
+    sock = site.work / "mint.sock"
+    proc = run_cli("-c", str(site.config), "pam", "--socket", str(sock), env=env)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def submit(site: Site, user: str, name: str, body: str) -> str:
+    script = site.work / f"{name}.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        # the node's engine settings, for run and exec as for the TaskProlog
+        f"export TOKENLIFE_CONFIG={site.work}/engine.toml\n" + body
+    )
+    script.chmod(0o755)
+    path = site.cluster.job_path()
+    argv = ["sbatch", "--parsable", f"--output={site.work}/jobs/{name}-%j", str(script)]
+    submitted = site.cluster.run_as(user, argv, env={"PATH": path})
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip()
+
+
 def test_long_job_keeps_a_valid_token_for_its_whole_life(
     site: Site, test_users: tuple[str, str]
 ) -> None:
-    alice, _ = test_users
-    proc = run_cli("-c", str(site.config), "mint", alice, "--local")
-    assert proc.returncode == 0, proc.stderr
+    alice, bob = test_users
+    for user in (alice, bob):
+        proc = run_cli("-c", str(site.config), "mint", user, "--local")
+        assert proc.returncode == 0, proc.stderr
+    first_login = time.monotonic()
     # A file, not a pipe: nobody reads a pipe while the job runs, and a
     # full one would stall the daemon's logging, and with it its renewals.
     serve_log_path = site.work / "serve.log"
@@ -196,31 +233,32 @@ def test_long_job_keeps_a_valid_token_for_its_whole_life(
             stderr=log,
         )
     try:
-        script = site.work / "job.sh"
-        script.write_text(
-            "#!/bin/sh\n"
-            f"export WORK={site.work} SECONDS_TO_RUN={JOB_SECONDS}\n"
-            # the node's engine settings, for run and exec as for the TaskProlog
-            f"export TOKENLIFE_CONFIG={site.work}/engine.toml\n"
-            f"tokenlife-engine run -- /bin/sh {site.work}/inner.sh &\n"
-            f"/bin/sh {site.work}/plain.sh\n"
-            "wait\n"
-        )
-        script.chmod(0o755)
-        path = site.cluster.job_path()
-        argv = ["sbatch", "--parsable", f"--output={site.work}/jobs/out-%j", str(script)]
-        # The first delivery must be on the node before the job starts.
+        # The first deliveries must be on the node before the jobs start.
         deadline = time.monotonic() + 30
-        while "delivered" not in run_cli("-c", str(site.config), "list", "--json").stdout:
+        while run_cli("-c", str(site.config), "list", "--json").stdout.count("delivered") < 2:
             assert time.monotonic() < deadline and serve.poll() is None, "no first delivery"
             time.sleep(0.5)
-        submitted = site.cluster.run_as(alice, argv, env={"PATH": path})
-        assert submitted.returncode == 0, submitted.stderr
-        job = submitted.stdout.strip()
+        job = submit(
+            site,
+            alice,
+            "alice",
+            f"export WORK={site.work} SECONDS_TO_RUN={JOB_SECONDS}\n"
+            f"tokenlife-engine run -- /bin/sh {site.work}/inner.sh &\n"
+            f"/bin/sh {site.work}/plain.sh\n"
+            "wait\n",
+        )
+        bob_job = submit(site, bob, "bob", f"exec tokenlife-engine run -- sleep {CHAIN_END_JOB}\n")
+        logins = 1
         deadline = time.monotonic() + JOB_SECONDS + 60
         while site.cluster.root_run(["squeue", "-h", "-j", job], check=False).stdout.strip():
             assert time.monotonic() < deadline, f"job did not end\n{site.cluster.logs()}"
             assert serve.poll() is None, "tokenlife serve died"
+            if time.monotonic() - first_login >= logins * LOGIN_EVERY:
+                login(site, alice)
+                logins += 1
+            time.sleep(1)
+        while site.cluster.root_run(["squeue", "-h", "-j", bob_job], check=False).stdout.strip():
+            assert time.monotonic() < deadline, f"job did not end\n{site.cluster.logs()}"
             time.sleep(1)
     finally:
         serve.terminate()
@@ -230,7 +268,7 @@ def test_long_job_keeps_a_valid_token_for_its_whole_life(
             serve.kill()
             serve.wait()
     serve_log = serve_log_path.read_text()
-    output = (site.work / "jobs" / f"out-{job}").read_text()
+    output = (site.work / "jobs" / f"alice-{job}").read_text()
     stats = dict(
         pair.split("=")
         for line in output.splitlines()
@@ -240,10 +278,22 @@ def test_long_job_keeps_a_valid_token_for_its_whole_life(
     context = f"{output}\n--- serve ---\n{serve_log[-3000:]}"
     assert int(stats["failed"]) == 0 and int(stats["ok"]) >= JOB_SECONDS // 4, context
     # Plain squeue in the batch step: every call worked, long after the
-    # token the step started with had expired.
+    # token the step started with had expired, and past the first chain's end.
     assert int(stats["plain_failed"]) == 0, context
     assert int(stats["plain_ok"]) >= JOB_SECONDS // 3, context
     # The token was renewed and re-delivered many times while the job ran ...
     assert int(stats["tokens"]) >= JOB_SECONDS // LIFETIME, context
     # ... and the job's file never held an expired token for more than a second.
     assert float(stats["worst"]) <= 1.0 and int(stats["missing"]) == 0, context
+    # The job outlived its first chain by far: the logins started new ones.
+    records = json.loads(run_cli("-c", str(site.config), "list", "--json").stdout)
+    chains = {r["token_id"] for r in records if r["user"] == alice}
+    assert len(chains) >= JOB_SECONDS // LOGIN_EVERY, records
+    # Bob logged in once: his job was told before the chain's renew-until
+    # (the warning comes before the expiry), and then lost the token.
+    said = (site.work / "jobs" / f"bob-{bob_job}").read_text().splitlines()
+    warned = [i for i, line in enumerate(said) if "cannot be renewed past its renew-until" in line]
+    expired = [i for i, line in enumerate(said) if "token EXPIRED" in line]
+    assert len(warned) == 1 and len(expired) == 1, said
+    assert warned[0] < expired[0], said
+    assert "log in again" in said[warned[0]]
