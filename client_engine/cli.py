@@ -21,7 +21,8 @@ USAGE = f"""\
 usage: {PROG} env
        {PROG} token
        {PROG} exec -- CMD [ARG...]
-       {PROG} run -- CMD [ARG...]
+       {PROG} run [--on-change HOOK] -- CMD [ARG...]
+       {PROG} watch --file PATH [--timeout S] [--poll S] [--initial] -- HOOK [ARG...]
        {PROG} check [--time-limit T] [--quiet]
        {PROG} install-wrappers [DIR]
 
@@ -38,7 +39,12 @@ Worker-node side of tokenlife: hands the token delivered to this node
   exec    runs CMD with the freshest valid token in SLURM_JWT
   run     runs CMD for its whole life, keeping a per-job copy of the token
           fresh at $SLURM_JWT_FILE (krenew-style; signals are forwarded and
-          CMD's exit status is returned)
+          CMD's exit status is returned); --on-change HOOK runs HOOK (one
+          word) after each new token in that copy (docs/hooks.md)
+  watch   runs HOOK after each change of the token in PATH (a service account's
+          token): one run per new valid token, never the token itself
+          (TOKENLIFE_FILE, TOKENLIFE_EXP, TOKENLIFE_VERSION...); runs until
+          SIGTERM. See docs/hooks.md
   check   exits 0 if the caller's token is valid and its renewable life lasts T (a
           Slurm time limit: MM, HH:MM:SS, D-HH:MM, UNLIMITED; default 0),
           3 if it ends sooner (log in again to start a new one), 1 if there
@@ -245,12 +251,25 @@ def _install_wrappers(args: list[str]) -> int:
 
 
 def _run(environ: os._Environ[str], args: list[str]) -> int:
-    command = _command(args, "run")
+    on_change: list[str] | None = None
+    rest = list(args)
+    while rest and rest[0] != "--" and rest[0].startswith("-"):
+        flag, eq, value = rest.pop(0).partition("=")
+        if flag != "--on-change":
+            raise UsageError(f"run: unknown option {flag[:40]}")
+        if not eq:
+            if not rest or rest[0] == "--":
+                raise UsageError("run: --on-change needs a HOOK")
+            value = rest.pop(0)
+        if not value:
+            raise UsageError("run: --on-change needs a HOOK")
+        on_change = [value]
+    command = _command(rest, "run")
     from client_engine.supervisor import supervise
 
     settings = load_settings()
     uid, user = identity(environ)
-    return supervise(command, settings, uid, user)
+    return supervise(command, settings, uid, user, on_change=on_change)
 
 
 class UsageError(Exception):
@@ -273,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
             return _exec(environ, args)
         if command == "run":
             return _run(environ, args)
+        if command == "watch":
+            from client_engine.watcher import watch_main
+
+            return watch_main(environ, args)
         if command == "check":
             return _check(environ, args)
         if command == "install-wrappers":

@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from client_engine.hooks import HookRunner
 from client_engine.tokens import (
     JOB_COPY_PREFIX,
     Refused,
@@ -69,6 +70,8 @@ from tokenlife.fsutil import write_secret
 from tokenlife.layout import FILE_NAME
 
 PROG = "tokenlife-engine"
+#: how long an --on-change hook may run before it is killed
+HOOK_TIMEOUT = 60.0
 #: set to 1 to use the portable fallbacks: poll the file, plain signal handlers
 POLL_ENV = "TOKENLIFE_ENGINE_POLL"
 FORWARDED = (
@@ -219,9 +222,19 @@ class Supervisor:
     """Runs COMMAND and keeps the job's copy of the token fresh until COMMAND ends."""
 
     def __init__(
-        self, command: list[str], settings: EngineSettings, uid: int, user: str, portable: bool
+        self,
+        command: list[str],
+        settings: EngineSettings,
+        uid: int,
+        user: str,
+        portable: bool,
+        on_change: list[str] | None = None,
     ) -> None:
         self.command = command
+        #: ``run --on-change``: its runner exists while the command runs
+        self.on_change = on_change
+        self.hooks: HookRunner | None = None
+        self.started = False
         self.settings = settings
         self.uid = uid
         self.user = user
@@ -295,6 +308,8 @@ class Supervisor:
                 self.lost = True
             else:
                 self._write(best)
+                if self.written and self.started and self.hooks is not None:
+                    self.hooks.changed(best, self.copy_path, self.user)
                 if self.lost or (previous is not None and self.warned is previous):
                     say(f"a new token has arrived (valid for {int(best.exp - now)}s)")
                 self.lost = False
@@ -387,14 +402,20 @@ class Supervisor:
                 with contextlib.suppress(Refused):
                     self.current = check(parse(inherited.strip(), "SLURM_JWT"), self.user, now)
             self.tend(now, changed=True)
+            if self.on_change:
+                # The hook sees what the command sees: TOKENLIFE_FILE is the copy.
+                self.hooks = HookRunner(self.on_change, HOOK_TIMEOUT, say, environ=env)
             try:
                 child = self._start(env, signals)
             except (OSError, subprocess.SubprocessError) as exc:
                 reason = getattr(exc, "strerror", None) or str(exc)
                 say(f"cannot run {self.command[0]}: {reason}")
                 return 127 if isinstance(exc, FileNotFoundError) else 126
+            self.started = True
             return self._supervise(child, signals)
         finally:
+            if self.hooks is not None:
+                self.hooks.close()
             self._remove_copy()
             if self.watch is not None:
                 self.watch.close()
@@ -429,6 +450,10 @@ class Supervisor:
             self.tend(now, changed)
             changed = False
             wait = self.timeout(time.time())
+            if self.hooks is not None:
+                hook_wait = self.hooks.tend(time.monotonic())
+                if hook_wait is not None:
+                    wait = min(wait, hook_wait)
             for fd, _events in poller.poll(int(wait * 1000) + 1):
                 if fd == signals.fd:
                     for signum, by_kernel in signals.read():
@@ -455,8 +480,12 @@ def supervise(
     uid: int,
     user: str,
     portable: bool | None = None,
+    on_change: list[str] | None = None,
 ) -> int:
-    """Run ``command`` to its end with a fresh token at $SLURM_JWT_FILE; its exit status."""
+    """Run ``command`` to its end with a fresh token at $SLURM_JWT_FILE; its exit status.
+
+    ``on_change``: a hook run after each new token in the copy (docs/hooks.md).
+    """
     if portable is None:
         portable = os.environ.get(POLL_ENV, "") not in ("", "0")
-    return Supervisor(command, settings, uid, user, portable).run()
+    return Supervisor(command, settings, uid, user, portable, on_change).run()

@@ -475,3 +475,71 @@ def test_the_last_token_of_a_chain_is_announced_once(node: Node) -> None:
     assert len(lines) == 1, run.stderr
     assert lines[0].startswith("tokenlife-engine: the token cannot be renewed past its ")
     assert "log in again" in lines[0]
+
+
+# -- run --on-change -------------------------------------------------------------------
+
+
+def test_on_change_runs_the_hook_once_per_new_token(node: Node, tmp_path: Path) -> None:
+    """The first token (there before the command starts) runs nothing; each
+    newer delivery runs the hook once, with where the token is, never the token."""
+    record = tmp_path / "hook.log"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(
+        "#!/bin/sh\n"
+        'echo "$TOKENLIFE_FILE $TOKENLIFE_EXP $TOKENLIFE_VERSION ${SLURM_JWT:-none}"'
+        f" >> {record}\n"
+    )
+    hook.chmod(0o755)
+    now = int(time.time())
+    node.deliver(make_token(ttl=600, renew_until=now + 3600))
+    stop = tmp_path / "stop"
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "client_engine.cli", "run", "--on-change", str(hook), "--"),
+            *("sh", "-c", f'while [ ! -e {stop} ]; do sleep 0.05; done; echo "$SLURM_JWT_FILE"'),
+        ],
+        env=node.env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(0.5)
+        tokens = []
+        for i in range(2):  # each delivery seen, then the next (faster ones coalesce)
+            tokens.append(node.deliver(make_token(ttl=600 + i, age=-1 - i)))
+            runs = i + 1
+            wait_for(lambda n=runs: len((read(record) or "").splitlines()) == n, f"run {runs}")
+        time.sleep(0.5)  # no third run comes
+        stop.touch()
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    assert proc.returncode == 0, err
+    lines = (read(record) or "").splitlines()
+    assert len(lines) == 2, lines
+    copy = out.strip()
+    assert [line.split()[0] for line in lines] == [copy, copy]
+    assert [int(line.split()[1]) for line in lines] == [exp_of(t) for t in tokens]
+    assert all(line.split()[3] == "none" for line in lines), "SLURM_JWT never reaches the hook"
+    assert not any(t in (read(record) or "") + err for t in tokens)
+
+
+@pytest.mark.parametrize("args", [["--on-change"], ["--on-change", "--"], ["--on-colour=x"]])
+def test_on_change_usage_errors(node: Node, args: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "client_engine.cli", "run", *args, "--", "true"],
+        env=node.env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("tokenlife-engine: run: ")

@@ -40,11 +40,17 @@ SYSTEMD = REPO / "systemd"
 UNIT_SUFFIXES = {".service", ".timer", ".socket", ".path", ".target"}
 UNITS = sorted(p for p in SYSTEMD.iterdir() if p.suffix in UNIT_SUFFIXES)
 SERVICES = [p for p in UNITS if p.suffix == ".service"]
+# The template that runs change hooks (docs/hooks.md) runs as the account it
+# watches for, with no capabilities: the rules of the tokenlife account's
+# services below do not apply to it; its own tests are at the end.
+WATCH_UNIT = SYSTEMD / "tokenlife-watch@.service"
+ACCOUNT_SERVICES = [p for p in SERVICES if p != WATCH_UNIT]
 PAM_FILE = SYSTEMD / "pam.d" / "tokenlife"
 TMPFILES = SYSTEMD / "tokenlife.tmpfiles.conf"
 SYSUSERS = SYSTEMD / "tokenlife.sysusers.conf"
 
 SHIPPED_BIN = "/usr/local/bin/tokenlife"
+SHIPPED_ENGINE = "/usr/local/bin/tokenlife-engine"
 MAX_EXPOSURE = 2.0
 # The only capabilities the services hold, and why (docs/systemd.md has more).
 CAPABILITIES = {
@@ -204,6 +210,8 @@ def tokenlife_invocations() -> list[tuple[str, list[str]]]:
     for unit in UNITS:
         for key, val in parse_unit(unit).get("Service", []):
             if key.startswith("Exec") and "tokenlife" in val:
+                if shlex.split(val.lstrip("-@:+!"))[0] == SHIPPED_ENGINE:
+                    continue  # the engine: see test_watch_unit_runs_the_engine_as_the_instance_user
                 found.append((f"{unit.name} {key}", shlex.split(val.lstrip("-@:+!"))))
     module, pam_exec = pam_lines()
     # The module runs its fallback= as "PROGRAM pam --no-service".
@@ -268,7 +276,8 @@ def test_security_exposure(unit: Path) -> None:
     )
     found = re.search(r"Overall exposure level for (\S+): (\d+\.\d+) (\w+)", result.stdout)
     assert found, result.stdout + result.stderr
-    assert found[1] == unit.name
+    # A template is analysed as its instance "i".
+    assert found[1] == unit.name.replace("@.", "@i.")
     assert float(found[2]) <= MAX_EXPOSURE, f"{unit.name}: exposure {found[2]}"
     assert found[3] == "OK"
     assert result.returncode == 0, result.stderr
@@ -303,7 +312,7 @@ def test_only_accepted_exposures(unit: Path) -> None:
 # --- what the sandbox must allow, checked against the code and config -------
 
 
-@pytest.mark.parametrize("unit", SERVICES, ids=_name)
+@pytest.mark.parametrize("unit", ACCOUNT_SERVICES, ids=_name)
 def test_capabilities_are_the_three_needed(unit: Path) -> None:
     assert words(unit, "Service", "CapabilityBoundingSet") == CAPABILITIES.keys()
     assert words(unit, "Service", "AmbientCapabilities") == CAPABILITIES.keys()
@@ -326,7 +335,7 @@ def test_fchown_is_the_only_chown_the_code_makes() -> None:
             calls += [f"{source.name}: {c}" for c in found]
     assert calls, "no chown call found: is the scan still looking at the code?"
     assert {c.split(": ")[1] for c in calls} == {"os.fchown("}, calls
-    for unit in SERVICES:
+    for unit in ACCOUNT_SERVICES:
         filters = values(unit, "Service", "SystemCallFilter")
         assert "~@privileged @resources" in filters and filters[-1] == "fchown", unit.name
 
@@ -335,7 +344,7 @@ def _under(path: Path, roots: set[Path]) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
 
-@pytest.mark.parametrize("unit", SERVICES, ids=_name)
+@pytest.mark.parametrize("unit", ACCOUNT_SERVICES, ids=_name)
 def test_default_paths_are_writable(unit: Path) -> None:
     assert value(unit, "Service", "ProtectSystem") == "strict"
     writable = {Path(p) for p in words(unit, "Service", "ReadWritePaths")}
@@ -395,6 +404,37 @@ def test_pam_lines_use_the_default_socket() -> None:
     source = (REPO / "producer" / "pam" / "pam_tokenlife.c").read_text()
     assert f'#define DEFAULT_SOCKET "{default}"' in source
     assert '#define DEFAULT_FALLBACK "/usr/bin/tokenlife"' in source
+
+
+# --- the change-hook template -----------------------------------------------
+
+
+def test_watch_unit_runs_the_engine_as_the_instance_user() -> None:
+    # ${TOKEN_FILE} stays one word; $HOOK alone is split into the hook's words.
+    argv = value(WATCH_UNIT, "Service", "ExecStart").split(" ")
+    assert argv == [SHIPPED_ENGINE, "watch", "--file", "${TOKEN_FILE}", "--", "$HOOK"]
+    assert value(WATCH_UNIT, "Service", "EnvironmentFile") == "/etc/tokenlife/watch/%i.env"
+    assert value(WATCH_UNIT, "Service", "User") == "%i"
+    # No capabilities at all, and no way to gain any (sudo cannot work: documented).
+    assert value(WATCH_UNIT, "Service", "CapabilityBoundingSet") == ""
+    assert not values(WATCH_UNIT, "Service", "AmbientCapabilities")
+    assert is_true(value(WATCH_UNIT, "Service", "NoNewPrivileges"))
+    assert value(WATCH_UNIT, "Service", "ProtectSystem") == "strict"
+    # A usage error (exit status 2: TOKEN_FILE or HOOK missing) is not retried.
+    assert value(WATCH_UNIT, "Service", "Restart") == "on-failure"
+    assert value(WATCH_UNIT, "Service", "RestartPreventExitStatus") == "2"
+
+
+def test_watch_unit_options_are_the_engines() -> None:
+    # The options ExecStart= passes are the ones `watch` takes.
+    from client_engine.watcher import parse_args
+
+    options = parse_args(["--file", "/run/tokenlife/1000/slurm_jwt", "--", "/bin/true", "x"])
+    assert options.command == ["/bin/true", "x"]
+    engine = Path(tokenlife_bin()).with_name("tokenlife-engine")
+    result = run(str(engine), "--help")
+    assert result.returncode == 0, result.stderr
+    assert "tokenlife-engine watch --file PATH" in result.stdout
 
 
 # --- the timer --------------------------------------------------------------
