@@ -1,0 +1,610 @@
+"""Pulling the user's current token from the token host, authenticated by munge.
+
+The worker side of producer/pull.py (the protocol is described there and in
+docs/pull.md).  Standard library and ctypes only, imported only when a pull
+is wanted: the engine stays light on every task's path.
+
+* :func:`pull` asks once (retrying a busy or unreachable server, and the
+  next address of a comma-separated list, until ``timeout``): it makes a
+  munge credential as the calling user, sends it, and opens the reply, a
+  munge credential that only this uid can decode.  It returns the token
+  text, or raises :class:`PullError` with one line.
+* :func:`pull_into` keeps the pulled token at ``<token_dir>/<uid>/slurm_jwt``
+  under transfer's rules: mode 0600, owned by the user, replaced atomically
+  (tokenlife.fsutil.write_secret), the token's ``iat`` as its mtime, never
+  an older token over a newer one.  A per-user lock (``.pull.lock`` in the
+  user's directory, which holds the time and outcome of the last pull)
+  makes a thousand tasks of one user on one node cost one pull: the others
+  wait for it and read the fresh file, and for ``min_interval`` seconds after
+  a pull nobody asks again.  Run as root for another uid (a Prolog), it
+  creates the user's directory and pulls as the user in a child process.
+
+libmunge is called through ctypes (the munge command would cost a fork and
+an exec); this is a small copy of producer/munge.py, which the engine may not
+import.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import stat
+import sys
+import time
+
+from client_engine.tokens import Refused, Token, check, delivered_path, load, parse, user_dir
+
+# typing, secrets, random and pathlib cost milliseconds at every start (the
+# engine runs once per task): none of them is imported at run time here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+PROTOCOL = b"tokenlife-pull"
+VERSION = b"1"
+LIBRARY = "libmunge.so.2"
+#: a reply is a munge credential around a token: a few KiB at most
+MAX_REPLY = 65536
+#: the lock (and last-pull stamp) in the user's directory
+LOCK_NAME = ".pull.lock"
+#: results the server may answer that are worth asking again (or another server)
+RETRY = frozenset({"busy", "error", "timeout", "unreachable"})
+
+# munge.h: options and the errors told apart here
+_OPT_TTL = 4
+_OPT_SOCKET = 8
+_OPT_UID_RESTRICTION = 9
+_EMUNGE_SOCKET = 6
+_EMUNGE_CRED_INVALID = 14
+_EMUNGE_CRED_EXPIRED = 15
+_EMUNGE_CRED_REPLAYED = 17
+_EMUNGE_CRED_UNAUTHORIZED = 18
+
+
+class PullError(Refused):
+    """A pull failed; ``result`` names how (the server's result, or
+    ``unreachable``, ``munge``, ``bad_reply``), the message says it in one line."""
+
+    def __init__(self, result: str, message: str) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+# -- libmunge -------------------------------------------------------------------
+
+
+class _Munge:
+    _lib: ctypes.CDLL | None = None
+    _free_fn: Any = None
+    _encode: Any = None
+    _decode: Any = None
+
+    @classmethod
+    def lib(cls) -> ctypes.CDLL:
+        if cls._lib is None:
+            # The context calls hold the GIL (PyDLL: they take microseconds);
+            # encode and decode, which wait on munged, release it.
+            try:
+                lib = ctypes.PyDLL(LIBRARY)
+                blocking = ctypes.CDLL(LIBRARY)
+            except OSError:
+                raise PullError("munge", f"cannot load {LIBRARY}: is munge installed?") from None
+            lib.munge_ctx_create.restype = ctypes.c_void_p
+            lib.munge_ctx_create.argtypes = []
+            lib.munge_ctx_destroy.restype = None
+            lib.munge_ctx_destroy.argtypes = [ctypes.c_void_p]
+            lib.munge_ctx_set.restype = ctypes.c_int  # variadic: arguments passed typed
+            lib.munge_ctx_strerror.restype = ctypes.c_char_p
+            lib.munge_ctx_strerror.argtypes = [ctypes.c_void_p]
+            encode, decode = blocking.munge_encode, blocking.munge_decode
+            encode.restype = ctypes.c_int
+            encode.argtypes = [
+                ctypes.POINTER(ctypes.c_void_p),
+                ctypes.c_void_p,
+                ctypes.c_char_p,
+                ctypes.c_int,
+            ]
+            decode.restype = ctypes.c_int
+            decode.argtypes = [
+                ctypes.c_char_p,
+                ctypes.c_void_p,
+                ctypes.POINTER(ctypes.c_void_p),
+                ctypes.POINTER(ctypes.c_int),
+                ctypes.POINTER(ctypes.c_uint32),
+                ctypes.POINTER(ctypes.c_uint32),
+            ]
+            # libmunge hands out malloc()ed buffers: the C library's free
+            free = ctypes.PyDLL(None).free
+            free.restype = None
+            free.argtypes = [ctypes.c_void_p]
+            cls._free_fn, cls._encode, cls._decode = free, encode, decode
+            cls._lib = lib
+        return cls._lib
+
+    @classmethod
+    def _free(cls, pointer: int) -> None:
+        cls._free_fn(pointer)
+
+    @classmethod
+    def _context(cls, sock: str | None, options: list[tuple[int, int]]) -> int:
+        lib = cls.lib()
+        ctx = lib.munge_ctx_create()
+        if not ctx:
+            raise PullError("munge", "munge: cannot create a context")
+        settings: list[tuple[int, ctypes.c_int | ctypes.c_char_p]] = [
+            (opt, ctypes.c_int(value)) for opt, value in options
+        ]
+        if sock:
+            settings.append((_OPT_SOCKET, ctypes.c_char_p(sock.encode())))
+        for opt, value in settings:
+            if lib.munge_ctx_set(ctypes.c_void_p(ctx), ctypes.c_int(opt), value) != 0:
+                lib.munge_ctx_destroy(ctx)
+                raise PullError("munge", f"munge: cannot set option {opt}")
+        return int(ctx)
+
+    @classmethod
+    def _message(cls, ctx: int, err: int) -> str:
+        text = cls.lib().munge_ctx_strerror(ctx)
+        return text.decode("ascii", "replace") if text else f"munge error {err}"
+
+    @classmethod
+    def encode(cls, payload: bytes, sock: str | None, uid: int | None, ttl: int) -> bytes:
+        options = [(_OPT_TTL, ttl)] + ([(_OPT_UID_RESTRICTION, uid)] if uid is not None else [])
+        lib = cls.lib()
+        ctx = cls._context(sock, options)
+        out = ctypes.c_void_p()
+        try:
+            err = cls._encode(ctypes.byref(out), ctx, payload, len(payload))
+            if err != 0 or not out.value:
+                raise PullError(
+                    "munge", f"munge cannot make a credential: {cls._message(ctx, err)}"
+                )
+            return ctypes.string_at(out.value)
+        finally:
+            if out.value:
+                cls._free(out.value)
+            lib.munge_ctx_destroy(ctx)
+
+    @classmethod
+    def decode(cls, cred: bytes, sock: str | None) -> tuple[int, bytes, int, str]:
+        """(error, payload, encoder's uid, message); error 0 is success."""
+        lib = cls.lib()
+        ctx = cls._context(sock, [])
+        buf = ctypes.c_void_p()
+        length, uid, gid = ctypes.c_int(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
+        try:
+            err = cls._decode(
+                cred,
+                ctx,
+                ctypes.byref(buf),
+                ctypes.byref(length),
+                ctypes.byref(uid),
+                ctypes.byref(gid),
+            )
+            payload = ctypes.string_at(buf.value, length.value) if buf.value else b""
+            return int(err), payload, int(uid.value), cls._message(ctx, err) if err else ""
+        finally:
+            if buf.value:
+                cls._free(buf.value)
+            lib.munge_ctx_destroy(ctx)
+
+
+# -- one pull -------------------------------------------------------------------
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT``; PullError if not."""
+    host, sep, port = address.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise PullError("usage", f"{address.strip()[:80]!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def pull(
+    address: str,
+    socket_path: str | None = None,
+    timeout: float = 10.0,
+    *,
+    server_uid: int | None = None,
+    ttl: int = 60,
+    source: str | None = None,
+) -> str:
+    """The calling user's current token from the pull service at ``address``.
+
+    ``address``: ``HOST:PORT``, or several separated by commas (tried in
+    turn).  ``socket_path``: this node's munged socket (None: libmunge's
+    default).  ``server_uid``: when set, the request can be decoded only by
+    that uid and a reply made by any other uid is refused (a fake server on
+    the port cannot hand out tokens).  ``source``: the local address to
+    connect from.  Retries a busy or unreachable server with backoff until
+    ``timeout``; PullError otherwise.
+    """
+    targets = [parse_address(a) for a in address.split(",") if a.strip()]
+    if not targets:
+        raise PullError("usage", "no pull address")
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    last: PullError | None = None
+    while True:
+        for host, port in targets:
+            if time.monotonic() >= deadline:
+                break
+            try:
+                return _pull_once(host, port, socket_path, deadline, server_uid, ttl, source)
+            except PullError as exc:
+                if exc.result not in RETRY:
+                    raise
+                last = exc
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        jitter = 0.5 + os.urandom(1)[0] / 255  # 0.5 to 1.5: callers that met spread apart
+        time.sleep(min(left, delay * jitter))
+        delay = min(delay * 2, 1.0)
+    raise last or PullError("unreachable", f"pull from {address}: timed out after {timeout:g}s")
+
+
+def _pull_once(
+    host: str,
+    port: int,
+    socket_path: str | None,
+    deadline: float,
+    server_uid: int | None,
+    ttl: int,
+    source: str | None,
+) -> str:
+    where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    nonce = os.urandom(16).hex().encode()  # not secret: it ties the reply to this request
+    cred = _Munge.encode(b" ".join((PROTOCOL, VERSION, nonce)), socket_path, server_uid, ttl)
+    try:
+        line = _exchange(host, port, cred, deadline, source)
+    except TimeoutError:
+        raise PullError("unreachable", f"pull from {where}: timed out") from None
+    except OSError as exc:
+        raise PullError("unreachable", f"pull from {where}: {exc.strerror or exc}") from None
+    status, _, rest = line.partition(b" ")
+    if status == b"ERR":
+        result, _, said = rest.partition(b" ")
+        shown = said.decode("ascii", "replace")[:200]
+        raise PullError(result.decode("ascii", "replace")[:32], f"pull from {where}: {shown}")
+    if status != b"OK" or not rest:
+        raise PullError("bad_reply", f"pull from {where}: not a pull service reply")
+    err, payload, uid, message = _Munge.decode(rest, socket_path)
+    if err:
+        raise PullError("bad_reply", f"pull from {where}: reply refused: {_why(err, message)}")
+    if server_uid is not None and uid != server_uid:
+        raise PullError(
+            "bad_reply", f"pull from {where}: reply made by uid {uid}, not the service's"
+        )
+    parts = payload.split(b" ")
+    if len(parts) != 4 or parts[:3] != [PROTOCOL, VERSION, nonce] or not parts[3]:
+        raise PullError("bad_reply", f"pull from {where}: reply does not answer this request")
+    try:
+        return parts[3].decode("ascii")
+    except UnicodeDecodeError:
+        raise PullError("bad_reply", f"pull from {where}: reply holds no token") from None
+
+
+def _why(err: int, message: str) -> str:
+    if err == _EMUNGE_CRED_UNAUTHORIZED:
+        return "it is for another uid"
+    if err == _EMUNGE_CRED_INVALID:
+        return "made with another munge key"
+    if err in (_EMUNGE_CRED_EXPIRED, _EMUNGE_CRED_REPLAYED):
+        return message.lower()
+    return message
+
+
+def _exchange(host: str, port: int, cred: bytes, deadline: float, source: str | None) -> bytes:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    bind = (source, 0) if source else None
+    with socket.create_connection((host, port), timeout=left, source_address=bind) as sock:
+        sock.sendall(cred + b"\n")
+        buf = bytearray()
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            chunk = sock.recv(MAX_REPLY + 1 - len(buf))
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > MAX_REPLY:
+                raise PullError("bad_reply", f"pull from {host}:{port}: reply too long")
+    return bytes(buf).split(b"\n", 1)[0].rstrip(b"\r")
+
+
+# -- keeping it in the user's directory -------------------------------------------
+
+
+def pull_into(
+    token_dir: str,
+    uid: int,
+    user: str,
+    address: str,
+    socket_path: str | None = None,
+    timeout: float = 10.0,
+    *,
+    min_remaining: float = 0.0,
+    min_interval: float = 30.0,
+    server_uid: int | None = None,
+) -> Token:
+    """The user's token at ``<token_dir>/<uid>/slurm_jwt``, pulled if needed.
+
+    Pulls only when the file there is missing, unusable, or valid for less
+    than ``min_remaining`` more seconds, and nobody pulled for this user in
+    the last ``min_interval`` seconds.  Returns the token the file holds
+    afterwards (a pull that fails leaves a still-valid file in place and
+    returns it); Refused or PullError if there is no valid token.
+    """
+    if os.geteuid() == 0 and uid != 0:
+        return _pull_as_user(
+            token_dir, uid, user, address, socket_path, timeout,
+            min_remaining, min_interval, server_uid,
+        )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    directory = user_dir(token_dir, uid)
+    path = delivered_path(token_dir, uid)
+    _check_dir(directory, uid)
+    before = _usable(path, uid, user)
+    if before is not None and before.exp - time.time() > min_remaining:
+        return before
+    fd = _open_lock(directory)
+    try:
+        _lock(fd, deadline, directory)
+        now = time.time()
+        current = _usable(path, uid, user)
+        if current is not None and (
+            current.exp - now > min_remaining or before is None or current.iat > before.iat
+        ):
+            return current  # fresh enough, or just brought by another pull (or push)
+        last_at, last_result = _read_stamp(fd)
+        if last_at is not None and -5.0 < now - last_at < min_interval:
+            if current is not None:
+                return current
+            raise PullError(
+                last_result or "error",
+                f"no token: the pull {int(now - last_at)}s ago said {last_result}; "
+                f"next try in {int(min_interval - (now - last_at)) + 1}s",
+            )
+        left = max(0.1, deadline - time.monotonic())
+        try:
+            text = pull(address, socket_path, left, server_uid=server_uid)
+        except PullError as exc:
+            _write_stamp(fd, now, exc.result)
+            if current is not None:
+                return current
+            raise
+        _write_stamp(fd, now, "ok")
+        token = check(parse(text, path), user, time.time())
+        return _install(path, text, token, uid, user)
+    finally:
+        os.close(fd)
+
+
+def _install(path: str, text: str, token: Token, uid: int, user: str) -> Token:
+    """Put ``token`` at ``path`` unless a token issued later is already there."""
+    from pathlib import Path
+
+    from tokenlife.fsutil import write_secret
+
+    there = _usable(path, uid, user)
+    if there is not None and there.iat >= token.iat:
+        return there  # never an older token over a newer one (a tie: it is this one)
+    write_secret(Path(path), text.encode("ascii"))
+    # transfer orders a user's tokens on a node by mtime = iat: keep to it
+    os.utime(path, (token.iat, token.iat), follow_symlinks=False)
+    return token
+
+
+def _usable(path: str, uid: int, user: str) -> Token | None:
+    try:
+        return load(path, uid, user, time.time())
+    except Refused:
+        return None
+
+
+def _check_dir(directory: str, uid: int) -> None:
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        raise Refused(
+            f"{directory}: missing (root creates it: transfer, or the Prolog's pull)"
+        ) from None
+    except OSError as exc:
+        raise Refused(f"{directory}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise Refused(f"{directory}: not a directory, refused")
+    if st.st_uid != uid or st.st_mode & 0o022:
+        raise Refused(f"{directory}: must be owned by uid {uid} and writable by it alone")
+
+
+def _open_lock(directory: str) -> int:
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(f"{directory}/{LOCK_NAME}", flags, 0o600)
+    except OSError as exc:
+        raise Refused(f"{directory}/{LOCK_NAME}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused(f"{directory}/{LOCK_NAME}: not a regular file")
+    return fd
+
+
+def _lock(fd: int, deadline: float, directory: str) -> None:
+    delay = 0.005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise Refused(f"{directory}/{LOCK_NAME}: {exc.strerror}") from None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PullError("busy", f"{directory}: another pull for this user takes too long")
+        time.sleep(min(left, delay))
+        delay = min(delay * 2, 0.1)
+
+
+def _read_stamp(fd: int) -> tuple[float | None, str]:
+    try:
+        data = os.pread(fd, 128, 0).decode("ascii").split()
+        return float(data[0]), data[1][:32]
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None, ""
+
+
+def _write_stamp(fd: int, at: float, result: str) -> None:
+    try:
+        line = f"{at:.3f} {result}\n".encode("ascii")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, line, 0)
+    except OSError:
+        pass  # only an optimisation: the next caller pulls again
+
+
+def _pull_as_user(
+    token_dir: str,
+    uid: int,
+    user: str,
+    address: str,
+    socket_path: str | None,
+    timeout: float,
+    min_remaining: float,
+    min_interval: float,
+    server_uid: int | None,
+) -> Token:
+    """Root (a Prolog) pulling for a job's user: munge must vouch for the user,
+    so the pull runs in a child with the user's identity."""
+    import pwd
+    from pathlib import Path
+
+    from tokenlife.fsutil import ensure_dir, ensure_private_dir
+
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        raise Refused(f"uid {uid} is not in the user database") from None
+    if pw.pw_name != user:
+        raise Refused(f"uid {uid} is {pw.pw_name}, not {user}")
+    ensure_dir(Path(token_dir), 0o755)
+    ensure_private_dir(Path(user_dir(token_dir, uid)), uid, pw.pw_gid)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become the user, pull, say how it went
+        status = 1
+        try:
+            os.close(read_end)
+            os.setgroups(os.getgrouplist(pw.pw_name, pw.pw_gid))
+            os.setgid(pw.pw_gid)
+            os.setuid(uid)
+            try:
+                pull_into(
+                    token_dir, uid, user, address, socket_path, timeout,
+                    min_remaining=min_remaining, min_interval=min_interval,
+                    server_uid=server_uid,
+                )  # fmt: skip
+                status = 0
+            except PullError as exc:
+                os.write(write_end, f"{exc.result}\n{exc}".encode(errors="replace")[:1024])
+            except Refused as exc:
+                os.write(write_end, f"refused\n{exc}".encode(errors="replace")[:1024])
+        except BaseException as exc:
+            with_type = f"error\ninternal error ({type(exc).__name__})"
+            os.write(write_end, with_type.encode())
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    try:
+        said = b""
+        while chunk := os.read(read_end, 1024):
+            said += chunk
+    finally:
+        os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    token = _usable(delivered_path(token_dir, uid), uid, user)
+    if token is not None:
+        return token
+    result, _, message = said.decode(errors="replace").partition("\n")
+    if os.waitstatus_to_exitcode(status) == 0 or not result:
+        raise Refused(f"{delivered_path(token_dir, uid)}: no valid token after the pull")
+    if result == "refused":
+        raise Refused(message)
+    raise PullError(result, message)
+
+
+# -- python -m client_engine.pull (tests, benchmarks, the curious) -------------------
+
+USAGE = """\
+usage: python -m client_engine.pull [--socket PATH] [--timeout S] [--server-uid UID]
+                                    [--source ADDR] [--token-dir DIR [--min-remaining S]]
+                                    ADDRESS
+Pulls the caller's token from the tokenlife pull service at ADDRESS (HOST:PORT[,...]),
+with this node's munged (--socket; default libmunge's), connecting from ADDR if given.
+Without --token-dir the token is printed; with it, kept in DIR/<uid>/slurm_jwt
+(its path is printed). Exit status: 0 success, 1 refused or failed, 2 usage.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    options: dict[str, str] = {}
+    known = ("--socket", "--timeout", "--server-uid", "--source", "--token-dir", "--min-remaining")
+    while args and args[0].startswith("--"):
+        flag, eq, value = args.pop(0).partition("=")
+        if flag not in known:
+            sys.stderr.write(USAGE)
+            return 2
+        if not eq:
+            if not args:
+                sys.stderr.write(USAGE)
+                return 2
+            value = args.pop(0)
+        options[flag] = value
+    if len(args) != 1:
+        sys.stderr.write(USAGE)
+        return 2
+    try:
+        timeout = float(options.get("--timeout", "10"))
+        server_uid = int(options["--server-uid"]) if "--server-uid" in options else None
+        min_remaining = float(options.get("--min-remaining", "0"))
+    except ValueError:
+        sys.stderr.write(USAGE)
+        return 2
+    sock = options.get("--socket")
+    try:
+        if "--token-dir" in options:
+            import pwd
+
+            uid = os.getuid()
+            user = pwd.getpwuid(uid).pw_name
+            token = pull_into(
+                options["--token-dir"], uid, user, args[0], sock, timeout,
+                min_remaining=min_remaining, server_uid=server_uid,
+            )  # fmt: skip
+            print(f"{token.source} exp={token.exp} iat={token.iat}")
+        else:
+            source = options.get("--source")
+            print(pull(args[0], sock, timeout, server_uid=server_uid, source=source))
+    except Refused as exc:
+        print(f"tokenlife pull: {exc}", file=sys.stderr)
+        return 1
+    except KeyError:
+        print(f"tokenlife pull: uid {os.getuid()} is not in the user database", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
