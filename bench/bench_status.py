@@ -1,4 +1,4 @@
-"""``tokenlife status`` and a metrics scrape on a big store, with and without its indexes.
+"""``tokenlife status`` and a metrics scrape on a big store, at migrations 0004 and 0005.
 
 One store per backend (a SQLite file and a database on a throwaway PostgreSQL
 15, ``tests/integration/harness/postgres.py``: needs root and Debian's
@@ -14,9 +14,12 @@ generated series: about 10 s for a million tokens) with:
 
 Then, side by side in the same run, on the same data:
 
-  indexed     the schema as migrated (head, with 0004's indexes)
-  baseline    the same store with 0004's indexes dropped (what a store
-              before 0004 has), ANALYZE-d again
+  0004        the store at migration 0004 and the code before 0005: the
+              tokens per state and the last 24 hours' events per kind
+              counted in the indexes (the baseline, as measured before)
+  0005        the same store upgraded to 0005 (timed: what an upgrade costs),
+              VACUUM ANALYZE-d again: both are the sums of rows the
+              database's triggers keep (repository/counts.py)
 
 and for each, the median and max of ``--runs`` timings (ms) of
 
@@ -26,24 +29,28 @@ and for each, the median and max of ``--runs`` timings (ms) of
               the snapshot cache bypassed, so each scrape reads the store
 
 and the query plan (EXPLAIN) of the soonest renewable exp.  Target: status
-and scrape <= 50 ms with the indexes.  The data are generated, not renewed
-through tokenlife: this measures reading, not writing (bench_renew.py does).
+and scrape <= 50 ms at 0005.  ``--profile`` prints each statement's time
+of one snapshot (stderr).  The data are generated, not written through
+tokenlife: this measures reading; bench_count_writes.py measures what the
+triggers cost the writes, bench_renew.py the renewals.
 
 Run as root:   .venv/bin/python bench/bench_status.py            (N = 1,000,000)
 Quick check:   .venv/bin/python bench/bench_status.py --quick    (N = 100,000)
-Options: --n, --runs, --backends sqlite,postgresql
+Options: --n, --events (default N; 7000000 is a million a day), --runs,
+         --backends sqlite,postgresql, --profile
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,17 +59,75 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from prometheus_client import generate_latest  # noqa: E402
-from sqlalchemy import event  # noqa: E402
+from sqlalchemy import event, func, select  # noqa: E402
 from sqlalchemy.engine import Connection  # noqa: E402
+from sqlalchemy.orm import Session, aliased, sessionmaker  # noqa: E402
 
-from repository.models import RENEWABLE  # noqa: E402
-from repository.status import exp_query, snapshot  # noqa: E402
-from repository.store import SqlTokenStore  # noqa: E402
-from tests.integration.harness.bigstore import drop_indexes, fill  # noqa: E402
+import repository.status  # noqa: E402
+from repository.counts import TOKEN_STATES, recount_tokens  # noqa: E402
+from repository.counts import event_counts as kept_event_counts  # noqa: E402
+from repository.counts import token_counts as kept_token_counts  # noqa: E402
+from repository.migrate import HEAD, migrate  # noqa: E402
+from repository.models import RENEWABLE, EventRow, TokenRow  # noqa: E402
+from repository.rows import to_dt  # noqa: E402
+from repository.status import WINDOW, exp_query, snapshot  # noqa: E402
+from repository.store import SqlTokenStore, make_engine  # noqa: E402
+from tests.integration.harness.bigstore import analyze, fill  # noqa: E402
 from tests.integration.harness.postgres import PostgresServer  # noqa: E402
 from tokenlife.app.metrics import Metrics  # noqa: E402
+from tokenlife.records import ACTIVE  # noqa: E402
 
 NOW = 1_800_000_000
+BASELINE = "0004"
+
+
+# The code before 0005 (the baseline): both counts counted in the indexes.
+
+
+def counted_in_index(s: Session) -> dict[str, int]:
+    """Tokens per state: one range per state.  SQLite counts a whole table by its
+    index pages (a fraction of the cost of counting a range entry by entry), so
+    there the active tokens, usually most of them, are the total less the others."""
+    counts = dict.fromkeys(TOKEN_STATES, 0)
+    sqlite = s.get_bind().dialect.name == "sqlite"
+    for state in TOKEN_STATES:
+        if sqlite and state == ACTIVE:
+            continue
+        counts[state] = int(
+            s.scalar(select(func.count()).select_from(TokenRow).where(TokenRow.state == state)) or 0
+        )
+    if sqlite:
+        total = int(s.scalar(select(func.count()).select_from(TokenRow)) or 0)
+        counts[ACTIVE] = total - sum(counts.values())
+    return counts
+
+
+def events_counted_in_index(s: Session, since: int) -> dict[str, int]:
+    """Events after ``since`` per kind: the kinds by skipping along ix_events_event_at
+    (a few lookups), then one index range each, never the rows themselves."""
+    kinds = select(func.min(EventRow.event).label("event")).cte("kinds", recursive=True)
+    after = select(func.min(EventRow.event)).where(EventRow.event > kinds.c.event)
+    kinds = kinds.union_all(select(after.scalar_subquery()).where(kinds.c.event.is_not(None)))
+    inner = aliased(EventRow)
+    count = (
+        select(func.count())
+        .select_from(inner)
+        .where(inner.event == kinds.c.event, inner.at > to_dt(since))
+        .scalar_subquery()
+    )
+    rows = s.execute(select(kinds.c.event, count).where(kinds.c.event.is_not(None))).all()
+    return {str(kind): int(n) for kind, n in rows if n}
+
+
+@contextlib.contextmanager
+def code_before_0005() -> Iterator[None]:
+    repository.status.token_counts = counted_in_index
+    repository.status.event_counts = events_counted_in_index
+    try:
+        yield
+    finally:
+        repository.status.token_counts = kept_token_counts
+        repository.status.event_counts = kept_event_counts
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -140,14 +205,15 @@ class Result:
         ]
 
 
-def measure(store: SqlTokenStore, runs: int, profile: bool) -> Result:
+def measure(store: SqlTokenStore, runs: int, profile: bool, label: str) -> Result:
+    if profile:
+        print(f"\n    {label}, one snapshot, statement by statement:", file=sys.stderr)
+        for ms, statement in statement_times(store):
+            print(f"    {ms:8.2f} ms  {statement}", file=sys.stderr)
     status = timings(lambda: snapshot(store, NOW), runs)
     scrape = timings(scraper(store), runs)
     with store.engine.connect() as conn:
         plan = explain(conn)
-    if profile:
-        for ms, statement in statement_times(store):
-            print(f"    {ms:8.2f} ms  {statement}", file=sys.stderr)
     return Result(status, scrape, plan)
 
 
@@ -169,23 +235,46 @@ def step(label: str, fn: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
-def run(backend: str, url: str, args: argparse.Namespace) -> tuple[Result, Result]:
-    """(baseline, indexed) on one backend."""
+def run(backend: str, url: str, args: argparse.Namespace) -> tuple[Result, Result, float]:
+    """(baseline at 0004, at 0005, seconds the upgrade took) on one backend."""
+    engine = make_engine(url)
+    migrate(engine, BASELINE)
+    step(f"{backend}: fill at {BASELINE}", fill, engine, args.n, NOW, args.events)
+    engine.dispose()
+    # The store at 0004, read by the code before 0005 (``_open`` would upgrade it).
     store = SqlTokenStore(url)
-    store._open()  # migrations before anything is timed
+    store.engine = make_engine(url)
+    store._sessions = sessionmaker(store.engine, expire_on_commit=False)
     try:
-        step(f"{backend}: fill", fill, store.engine, args.n, NOW)
-        indexed = step(f"{backend}: indexed", measure, store, args.runs, args.profile)
-        step(f"{backend}: drop 0004's indexes", drop_indexes, store.engine)
-        baseline = step(f"{backend}: baseline", measure, store, args.runs, args.profile)
+        with code_before_0005():
+            baseline = step(
+                f"{backend}: {BASELINE}", measure, store, args.runs, args.profile, BASELINE
+            )
     finally:
-        store.engine.dispose()
-    return baseline, indexed
+        store.close()
+    store = SqlTokenStore(url)
+    try:
+        started = time.perf_counter()
+        store._open()  # what the new release's first command does: the upgrade
+        upgrade = time.perf_counter() - started
+        print(f"  {backend}: upgrade {BASELINE} -> {HEAD} {upgrade:.2f} s", file=sys.stderr)
+        step(f"{backend}: analyze", analyze, store.engine)
+        with store.transaction(read_only=True) as s:
+            since = NOW - WINDOW
+            if kept_token_counts(s) != recount_tokens(s) or kept_event_counts(
+                s, since
+            ) != events_counted_in_index(s, since):
+                raise SystemExit(f"{backend}: the kept counts disagree with a recount")
+        kept = step(f"{backend}: {HEAD}", measure, store, args.runs, args.profile, HEAD)
+    finally:
+        store.close()
+    return baseline, kept, upgrade
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="stored tokens (and events)")
+    parser.add_argument("--events", type=int, help="audit events over 7 days (default: N)")
     parser.add_argument("--runs", type=int, default=15, help="timed calls per figure")
     parser.add_argument("--quick", action="store_true", help="N = 100,000, 5 runs")
     parser.add_argument("--backends", default="sqlite,postgresql")
@@ -195,10 +284,11 @@ def main() -> None:
         args.n, args.runs = 100_000, 5
     tmp = Path(tempfile.mkdtemp(prefix="tl-bench-status-"))
     pg: PostgresServer | None = None
-    rows, plans = [], []
+    rows, plans, upgrades = [], [], []
     try:
         print(
-            f"tokenlife status benchmark: {args.n:,} tokens, {args.n:,} events, "
+            f"tokenlife status benchmark: {args.n:,} tokens, "
+            f"{args.events or args.n:,} events over 7 days, "
             f"{max(1, args.n // 10):,} delivery records, {args.runs} runs, "
             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start"
         )
@@ -209,22 +299,24 @@ def main() -> None:
                 pg = PostgresServer()
                 pg.start()
                 url = pg.create_database("bench_status")
-            baseline, indexed = run(backend, url, args)
-            ok = all(statistics.median(t) <= 50 for t in (indexed.status, indexed.scrape))
-            rows.append([backend, "without 0004", *baseline.cells(), ""])
-            rows.append([backend, "with 0004", *indexed.cells(), "ok" if ok else "MISSED"])
+            baseline, kept, upgrade = run(backend, url, args)
+            ok = all(statistics.median(t) <= 50 for t in (kept.status, kept.scrape))
+            rows.append([backend, f"{BASELINE}: counted in an index", *baseline.cells(), ""])
+            rows.append([backend, f"{HEAD}: kept counts", *kept.cells(), "ok" if ok else "MISSED"])
             ratios = [
-                statistics.median(b) / statistics.median(i)
-                for b, i in ((baseline.status, indexed.status), (baseline.scrape, indexed.scrape))
+                statistics.median(b) / statistics.median(k)
+                for b, k in ((baseline.status, kept.status), (baseline.scrape, kept.scrape))
             ]
-            rows.append([backend, "speed-up", f"{ratios[0]:.0f}x", "", f"{ratios[1]:.0f}x", "", ""])
-            plans.append(f"  {backend}, with 0004:    {indexed.plan}")
-            plans.append(f"  {backend}, without 0004: {baseline.plan}")
+            rows.append([backend, "speed-up", f"{ratios[0]:.1f}x", "", f"{ratios[1]:.1f}x", "", ""])
+            upgrades.append(f"  {backend}: {upgrade:.2f} s")
+            plans.append(f"  {backend}: {kept.plan}")
         print()
         print(f"status and one scrape: median and max of {args.runs} calls (target: <= 50 ms)")
         header = ["backend", "schema", "status", "max", "scrape", "max", "target"]
         print(table(header, rows))
-        print("query plan of the soonest renewable exp (TokenlifeRenewalOverdue's):")
+        print(f"upgrade {BASELINE} -> {HEAD} of that store (triggers, first count):")
+        print("\n".join(upgrades))
+        print(f"query plan of the soonest renewable exp (TokenlifeRenewalOverdue's), at {HEAD}:")
         print("\n".join(plans))
     finally:
         if pg is not None:

@@ -123,6 +123,67 @@ class Minter:
                 if write_login:
                     self.write_login(existing)
                 return existing, False
+        record = self._issue(user, key, now, lifetime, span, actor, describe_uid(caller_uid))
+        if self.is_privileged(user):
+            log.warning(
+                "minted a privileged token for %s (token id %s)", user.name, record.token_id
+            )
+        else:
+            log.info("minted token %s for %s, exp %d", record.token_id, user.name, record.exp)
+        if write_login:
+            self.write_login(record)
+        return record, True
+
+    def mint_service(
+        self,
+        user_name: str,
+        lifetime: int,
+        renew_until: int,
+        allow_privileged: bool,
+        reason: str,
+        actor: str = "service",
+    ) -> TokenRecord:
+        """A new chain for a ``[[service]]`` account (repository.services keeps them).
+
+        No caller to authorize (the token host's own configuration asks for
+        it) and no ``pam.min_uid`` (service accounts are system accounts);
+        the entry's ``allow_privileged``, not ``producer.allow_privileged_users``,
+        decides about root and SlurmUser, and each such mint is a warning.
+        """
+        user = lookup(user_name)
+        privileged = self.is_privileged(user)
+        if privileged and not allow_privileged:
+            raise PermissionDenied(
+                f"refusing to mint for privileged service account {user.name!r} (uid "
+                f"{user.uid}): such a token can act as any user over slurmrestd (set "
+                "allow_privileged = true in its [[service]] entry to allow it)"
+            )
+        lifetime, span = self.limits(lifetime, renew_until)
+        now = int(self.clock.now())
+        record = self._issue(user, self.key_source.load(), now, lifetime, span, actor, reason)
+        if privileged:
+            log.warning(
+                "service %s: minted a PRIVILEGED token (uid %d, token id %s): it can act as "
+                "any user over slurmrestd (allow_privileged = true)",
+                user.name,
+                user.uid,
+                record.token_id,
+            )
+        else:
+            log.info("service %s: minted token %s, exp %d", user.name, record.token_id, record.exp)
+        return record
+
+    def _issue(
+        self,
+        user: UserInfo,
+        key: SigningKey,
+        now: int,
+        lifetime: int,
+        span: int,
+        actor: str,
+        reason: str,
+    ) -> TokenRecord:
+        """Sign and store the first token of a new chain (it supersedes the user's others)."""
         limit = now + span
         exp = min(now + lifetime, limit)
         token = self.kind.make(key, user, now, exp, renew_until=limit, version=1)
@@ -139,16 +200,8 @@ class Minter:
             key_id=key.key_id,
             token=token,
         )
-        self.store.save(record, "minted", actor, describe_uid(caller_uid))
-        if self.is_privileged(user):
-            log.warning(
-                "minted a privileged token for %s (token id %s)", user.name, record.token_id
-            )
-        else:
-            log.info("minted token %s for %s, exp %d", record.token_id, user.name, exp)
-        if write_login:
-            self.write_login(record)
-        return record, True
+        self.store.save(record, "minted", actor, reason)
+        return record
 
     def reusable(self, user: UserInfo, key: SigningKey, now: int) -> TokenRecord | None:
         """The stored token if it is still good for a while, its chain younger than

@@ -97,6 +97,42 @@ class TokenRow(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
 
 
+class TokenCountRow(Base):
+    """Tokens per state, kept by the database: what ``tokenlife status`` reads.
+
+    Not one row per state but rows to add up: the triggers of migration 0005
+    append ``(state, +1)`` or ``(state, -1)`` for each token that enters or
+    leaves a state, in the transaction that moves it, and repository/counts.py
+    folds them into one row per state now and then.  The tokens of a state
+    are the sum of its rows.
+    """
+
+    __tablename__ = "token_counts"
+
+    # 64 bits on PostgreSQL: every append takes an id; SQLite's INTEGER key
+    # is 64 bits already (and BIGINT would not be its rowid).
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    state: Mapped[str] = mapped_column(String(16))
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
+class EventCountRow(Base):
+    """Audit events per kind and 10 minutes (``bucket``: epoch seconds // 600), kept
+    by the database like TokenCountRow: rows to add up, appended by the triggers
+    of migration 0005 on ``events``, folded by repository/counts.py."""
+
+    __tablename__ = "event_counts"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    bucket: Mapped[int] = mapped_column(BigInteger)
+    event: Mapped[str] = mapped_column(String(16))
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
 class EventRow(Base):
     """Audit trail: what happened to which token, by whom, why.  Never the token.
 

@@ -16,6 +16,7 @@ from typing import cast as typing_cast
 from sqlalchemy import BigInteger, ColumnElement, Integer, Table, cast, extract, func, select
 
 from repository.bulk_writes import Writer, decide, writer_for
+from repository.counts import compact
 from repository.models import TokenRow
 from repository.rows import audit, to_dt
 from tokenlife.interfaces import Repository
@@ -49,7 +50,8 @@ class RenewalStore:
         the open batch back, leaving those tokens at their old version.
         ``force`` hands over every active token; ``not_key`` every active
         token not signed by that key id (key rotation).  The records handed
-        over carry no ``token``: the old secret is never read.
+        over carry no ``token``: the old secret is never read.  Last, the
+        run folds the kept counts (repository/counts.py).
         """
         results: list[tuple[TokenRecord, Outcome]] = []
         after = 0  # forced runs walk the table once by id
@@ -79,7 +81,11 @@ class RenewalStore:
                     writes = decide(rows, handle, writer.time, results)
                     writer.write(s, writes, now, actor)
             if len(rows) < batch:
-                return results
+                break
+        # Fold what the batches appended to the kept counts (a transaction of
+        # its own; a failure is logged, the counts stay exact regardless).
+        compact(self.store, now)
+        return results
 
     def set_state(
         self, user: str, state: str, event: str, actor: str, reason: str, now: int

@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from producer.spool import SpoolStore
+from repository.counts import compact
 from repository.migrate import migrate
 from repository.models import EventRow, TokenRow
 from repository.rows import audit, to_dt, to_epoch, to_record, to_row
@@ -340,7 +341,9 @@ class SqlTokenStore:
                 for row in rows:
                     s.delete(row)
                     audit(s, now, "purged", row.user, row.token_id, row.version, actor, "")
-            return purged, dropped
+        if not dry_run and (rows or dropped):
+            compact(self, now)  # each deletion appended to the kept counts
+        return purged, dropped
 
     def events(self, user: str | None = None) -> list[dict[str, object]]:
         with self.transaction(read_only=True) as s:

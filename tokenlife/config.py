@@ -6,7 +6,8 @@ keys are errors, so a typo never silently falls back to a default; a plugin
 backend's own table (``[key.<source>]``, ``[delivery.<name>]``) is handed to
 the plugin to check.  Value converters are in tokenlife.config_values.  Only
 the standard library is imported: the PAM login path loads this module.
-(A little over 350 lines: one dataclass and one parse step per section.)
+(About 450 lines: one dataclass and one parse step per section, and the
+``[[service]]`` entries.)
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ from tokenlife.config_values import (
     boolean,
     choice,
     duration,
+    file_mode,
     fraction,
+    group_name,
     hosts,
     http_url,
     integer,
     kid,
     listen,
+    node_file,
     nonempty,
     store_url,
     username,
@@ -149,6 +153,31 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    """A ``[[service]]`` entry: a service account whose token tokenlife keeps current
+    at ``path`` on ``hosts``, minting a new chain before the old one ends."""
+
+    user: str
+    hosts: tuple[str, ...]
+    #: the token file on each host (absolute, normalized)
+    path: str
+    lifetime: int
+    renew_until: int
+    #: the file's owner; default: ``user``
+    owner: str
+    #: the file's group; None: the owner's primary group
+    group: str | None = None
+    mode: int = 0o600
+    #: root, uid 0 and SlurmUser's uid are refused unless this is true
+    allow_privileged: bool = False
+
+    @property
+    def name(self) -> str:
+        """How messages name the entry: ``service slurmweb``."""
+        return f"service {self.user}"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None = None
     key: KeyConfig = field(default_factory=KeyConfig)
@@ -160,6 +189,8 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     engine: EngineSettings = field(default_factory=EngineSettings)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    #: the ``[[service]]`` entries, in file order
+    services: tuple[ServiceConfig, ...] = ()
 
 
 # --- the loader -------------------------------------------------------------
@@ -322,8 +353,70 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
         deliver=t.take("deliver", boolean, d.serve.deliver),
     )
     t.done()
+    services = _services(top, token, producer)
     top.done()
-    return Config(path, key, token, producer, pam, store, login, delivery, engine, serve)
+    return Config(path, key, token, producer, pam, store, login, delivery, engine, serve, services)
+
+
+def _services(
+    top: _Table, token: TokenConfig, producer: ProducerConfig
+) -> tuple[ServiceConfig, ...]:
+    """The ``[[service]]`` entries (counted from 1 in messages: ``service[2].mode``)."""
+    source = top.source
+    entries = top.data.pop("service", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: service: expected [[service]] entries (an array of tables)")
+    services: list[ServiceConfig] = []
+    files: dict[tuple[str, str], int] = {}
+    for number, data in enumerate(entries, 1):
+        t = _Table(source, f"service[{number}]", data)
+
+        def fail(key: str, reason: str, t: _Table = t) -> ConfigError:
+            return ConfigError(f"{source}: {t.where(key)}: {reason}")
+
+        for required in ("user", "hosts", "path"):
+            if required not in t.data:
+                raise fail(required, "required")
+        user = t.take("user", username, "")
+        no_hosts: tuple[str, ...] = ()
+        entry = ServiceConfig(
+            user=user,
+            hosts=tuple(dict.fromkeys(t.take("hosts", hosts, no_hosts))),
+            path=t.take("path", node_file, ""),
+            lifetime=t.take("lifetime", duration, token.lifetime),
+            renew_until=t.take("renew_until", duration, token.renew_until),
+            owner=t.take("owner", username, user),
+            group=t.take("group", group_name, None),
+            mode=t.take("mode", file_mode, 0o600),
+            allow_privileged=t.take("allow_privileged", boolean, False),
+        )
+        t.done()
+        if not entry.hosts:
+            raise fail("hosts", "expected at least one host")
+        # Never more than [token] allows: a service is no reason for a longer token.
+        for key, value, most in (
+            ("lifetime", entry.lifetime, token.lifetime),
+            ("renew_until", entry.renew_until, token.renew_until),
+        ):
+            if value > most:
+                raise fail(key, f"{value}s is longer than token.{key} ({most}s)")
+        if entry.renew_until < entry.lifetime:
+            raise fail("renew_until", "must not be shorter than the entry's lifetime")
+        if user in ("root", producer.slurm_user) and not entry.allow_privileged:
+            raise fail(
+                "user",
+                f"{user!r} is privileged (its token can act as any user over slurmrestd); "
+                "set allow_privileged = true to allow it",
+            )
+        for other in services:
+            if other.user == user:
+                raise fail("user", f"{user!r} already has a [[service]] entry")
+        for host in entry.hosts:
+            earlier = files.setdefault((host, entry.path), number)
+            if earlier != number:
+                raise fail("path", f"service[{earlier}] delivers to the same file on {host}")
+        services.append(entry)
+    return tuple(services)
 
 
 def _plugin_options(table: _Table, group: str, name: str) -> dict[str, Any]:

@@ -104,6 +104,48 @@ def hosts(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def group_name(value: Any) -> str:
+    text = nonempty(value)
+    if not USER_NAME.fullmatch(text):
+        raise ValueError(f"{text!r} is not a valid group name")
+    return text
+
+
+#: what a service's token file path may hold: safe in a log line, an SFTP request and a shell
+_NODE_PATH = re.compile(r"[A-Za-z0-9._/+@%,=~-]{1,1024}")
+
+
+def node_file(value: Any) -> str:
+    """An absolute, normalized path of a file on a node: ``/etc/slurm-web/jwt``."""
+    text = nonempty(value)
+    if not text.startswith("/"):
+        raise ValueError("expected an absolute path")
+    parts = text.split("/")[1:]
+    if "/../" in f"{text}/":
+        raise ValueError("'..' is not allowed in paths")
+    if any(part in ("", ".") for part in parts):
+        raise ValueError("expected a normalized path (no '//', '/./' or trailing '/')")
+    if len(parts) < 2:
+        raise ValueError("expected a file in a directory below /, such as /etc/slurm-web/jwt")
+    if not _NODE_PATH.fullmatch(text):
+        raise ValueError("only letters, digits and / . _ - + @ % , = ~ are allowed")
+    return text
+
+
+def file_mode(value: Any) -> int:
+    """A token file's mode, as an octal string: the owner reads, the group at most reads."""
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}", value):
+        raise ValueError('expected an octal mode in quotes, such as "0600" or "0640"')
+    mode = int(value, 8)
+    if mode & 0o007:
+        raise ValueError(f"{value}: others must have no access (no o+rwx bits)")
+    if mode & 0o131:
+        raise ValueError(f"{value}: no execute bits, and the group may only read (0640)")
+    if not mode & 0o400:
+        raise ValueError(f"{value}: the owner must be able to read the file")
+    return mode
+
+
 def http_url(value: Any) -> str:
     text = nonempty(value)
     if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):

@@ -31,6 +31,7 @@ from tokenlife.records import (
     DeliveryResult,
     DeliveryTask,
     Outcome,
+    ServiceFile,
     TokenFile,
     TokenRecord,
 )
@@ -235,6 +236,11 @@ class NodeFS(Protocol):
         """The names in directory ``path`` (to sweep a killed pusher's temp files)."""
         ...
 
+    def read(self, path: str, limit: int) -> bytes:
+        """At most ``limit`` bytes of the regular file ``path`` (a service account's
+        token file: is what is there newer?)."""
+        ...
+
 
 class Transport(Protocol):
     """Puts a user's token file on a node, or takes it away.  Built from ``[delivery]``."""
@@ -249,6 +255,18 @@ class Transport(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class FileTransport(Transport, Protocol):
+    """A transport that can also put a service account's token at a path of its
+    own (``[[service]]``).  The built-in ones can; a plugin transport without
+    ``put_file`` cannot deliver service tokens (each delivery fails, one line)."""
+
+    def put_file(self, node: str, sf: ServiceFile, read: Callable[[str], TokenView]) -> str:
+        """Install ``sf`` on ``node`` unless it has a newer token of the same user there
+        (``read``: the token kind's reader): nodefs.INSTALLED, UNCHANGED or NEWER_THERE.
+        TransportError with the node and the reason."""
+        ...
 
 
 # -- job source -----------------------------------------------------------------------------
@@ -325,6 +343,7 @@ __all__ = [
     "Clock",
     "DeliveryLedger",
     "FileInfo",
+    "FileTransport",
     "JobSource",
     "KeySource",
     "Needs",

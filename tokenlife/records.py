@@ -90,9 +90,13 @@ class TokenFile:
     iat: int
     exp: int
     token: str = field(repr=False)
+    #: the pusher knows the node holds another token (its delivery record says
+    #: so): a file there with this token's iat and size may be that other one
+    #: (a new login and a renewal in the same second), so it is rewritten
+    node_holds_other: bool = False
 
     @classmethod
-    def of(cls, record: TokenRecord) -> TokenFile:
+    def of(cls, record: TokenRecord, node_holds_other: bool = False) -> TokenFile:
         return cls(
             record.user,
             record.uid,
@@ -102,6 +106,7 @@ class TokenFile:
             record.iat,
             record.exp,
             record.token,
+            node_holds_other,
         )
 
     def data(self) -> bytes:
@@ -113,6 +118,18 @@ class TokenFile:
         """What orders a user's tokens on a node: every renewal, rotation or
         new login has a later ``iat``.  The node file's mtime carries it."""
         return self.iat
+
+
+@dataclass(frozen=True)
+class ServiceFile:
+    """What a service account's host receives (``[[service]]``): its token at
+    ``path``, owned by ``owner``:``group`` with ``mode``."""
+
+    path: str
+    owner: int
+    group: int
+    mode: int
+    token: TokenFile
 
 
 # -- what happens to a token in a renewal run: the policy decides, the store records --------

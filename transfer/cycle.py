@@ -184,7 +184,10 @@ class DeliveryCycle:
                 self.transport.remove(d.node, d.uid)
                 log.info("removed the token of %s from %s", d.user, d.node)
                 return Result(d.user, d.node, True, removed=True)
-            tf = TokenFile.of(task.token)
+            # The node's record names another token: equal metadata there is
+            # no proof it holds this one (the same iat: a login and a renewal
+            # in one second), so the file is written.
+            tf = TokenFile.of(task.token, node_holds_other=bool(d.token_id))
             outcome = self.transport.put(d.node, tf)
             if outcome == nodefs.INSTALLED:
                 log.info(

@@ -80,6 +80,21 @@ class LocalFS:
     def listdir(self, path: str) -> list[str]:
         return os.listdir(self._p(path))
 
+    def read(self, path: str, limit: int) -> bytes:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(self._p(path), flags)
+        try:
+            chunks, left = [], limit
+            while left > 0:
+                chunk = os.read(fd, left)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
     def rmdir(self, path: str) -> bool:
         try:
             os.rmdir(self._p(path))

@@ -12,6 +12,12 @@ or SFTP on a remote node); the protocol that makes a delivery safe is here:
   only under a per-user lock in the root-owned base directory and only if
   the file there is older: two pushers, or a slow retry arriving late,
   never put an older token over a newer one.
+
+``install_file`` is the same protocol for a service account's token at a
+path of the administrator's choosing (``[[service]]``): the temporary file
+and the lock are in the file's own directory, which must be root's and
+not writable by anyone else, and what is newer is read from the tokens
+themselves (their ``iat``, ``exp`` and version), not from the file's mtime.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ import logging
 import secrets
 import stat
 import time
+from collections.abc import Callable
 
 from tokenlife.errors import TransportError
-from tokenlife.interfaces import FileInfo, NodeFS
+from tokenlife.interfaces import FileInfo, NodeFS, Owner
 from tokenlife.layout import FILE_NAME
-from tokenlife.records import TokenFile
+from tokenlife.records import ServiceFile, TokenFile
+from tokenlife.slurm_jwt import MAX_TOKEN
+from tokenlife.tokenview import TokenView
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +74,10 @@ def install(fs: NodeFS, base: str, tf: TokenFile) -> str:
         assert current is not None
         _sweep(fs, user_dir(base, tf.uid), older_than=current.mtime)
         return UNCHANGED if _same(current, tf) else NEWER_THERE
-    temp = _create_temp(fs, base, tf)
+    temp = _create_temp(fs, user_dir(base, tf.uid), FILE_NAME, tf, 0o600, (tf.uid, tf.gid))
     renamed = False
     try:
-        with _Lock(fs, base, tf.uid):
+        with _Lock(fs, _join(base, f".lock.{tf.uid}")):
             current = fs.lstat(target)  # again, now that nobody else can change it
             if current is not None and current.is_file and current.mtime > tf.order:
                 return NEWER_THERE
@@ -83,31 +92,32 @@ def install(fs: NodeFS, base: str, tf: TokenFile) -> str:
             fs.remove(temp)
 
 
-def _create_temp(fs: NodeFS, base: str, tf: TokenFile) -> str:
+def _create_temp(
+    fs: NodeFS, directory: str, name: str, tf: TokenFile, mode: int, owner: Owner
+) -> str:
     """A new temporary file holding ``tf``; a name that exists is never reused."""
     for _ in range(TEMP_ATTEMPTS):
         # The token's iat in the name: a sweep can tell, without a race with
         # the file's own mtime (set only after it is written), whose it is.
-        name = f".{FILE_NAME}.{tf.order}.{secrets.token_hex(6)}.tmp"
-        temp = _join(user_dir(base, tf.uid), name)
-        if fs.create(temp, tf.data(), 0o600, (tf.uid, tf.gid), tf.order):
+        temp = _join(directory, f".{name}.{tf.order}.{secrets.token_hex(6)}.tmp")
+        if fs.create(temp, tf.data(), mode, owner, tf.order):
             return temp
         log.warning("temporary file %s exists; trying another name", temp)
-    raise TransportError(f"temporary files in {user_dir(base, tf.uid)} keep existing")
+    raise TransportError(f"temporary files in {directory} keep existing")
 
 
 def remove(fs: NodeFS, base: str, uid: int) -> bool:
     """Delete the user's token file (and directory, if empty); True if one was there."""
     if fs.lstat(user_dir(base, uid)) is None:
         return False
-    with _Lock(fs, base, uid):
+    with _Lock(fs, _join(base, f".lock.{uid}")):
         removed = fs.remove(file_path(base, uid))
         _sweep(fs, user_dir(base, uid), older_than=None)
     fs.rmdir(user_dir(base, uid))  # fails harmlessly if the user left files there
     return removed
 
 
-def _sweep(fs: NodeFS, directory: str, older_than: int | None) -> None:
+def _sweep(fs: NodeFS, directory: str, older_than: int | None, name: str = FILE_NAME) -> None:
     """Delete temporary files a killed pusher left (each a whole token).
 
     Those of the token on the node or an older one (the iat is in their
@@ -116,19 +126,19 @@ def _sweep(fs: NodeFS, directory: str, older_than: int | None) -> None:
     one with a newer token keeps its file.  On removal, all of them (under
     the lock).
     """
-    prefix = f".{FILE_NAME}."
+    prefix = f".{name}."
     try:
         names = fs.listdir(directory)
     except OSError:
         return
-    for name in names:
-        if not (name.startswith(prefix) and name.endswith(".tmp")):
+    for entry in names:
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
             continue
-        iat, _, _ = name[len(prefix) : -len(".tmp")].partition(".")
+        iat, _, _ = entry[len(prefix) : -len(".tmp")].partition(".")
         old = iat.isascii() and iat.isdigit() and older_than is not None and int(iat) <= older_than
         if older_than is not None and not old:
             continue
-        path = _join(directory, name)
+        path = _join(directory, entry)
         log.info("removing %s, left by a pusher that died", path)
         try:
             fs.remove(path)
@@ -137,15 +147,92 @@ def _sweep(fs: NodeFS, directory: str, older_than: int | None) -> None:
 
 
 def _same(current: FileInfo | None, tf: TokenFile) -> bool:
-    """The file already holds this token: same iat, size, owner and mode."""
+    """The file already holds this token: same iat, size, owner and mode (and
+    the pusher does not know it to hold another one)."""
     return (
-        current is not None
+        not tf.node_holds_other
+        and current is not None
         and current.is_file
         and current.mtime == tf.order
         and current.size == len(tf.data())
         and (current.uid, current.gid) == (tf.uid, tf.gid)
         and stat.S_IMODE(current.mode) == 0o600
     )
+
+
+# -- a service account's token at a path of its own ([[service]]) ---------------------------
+
+
+def install_file(fs: NodeFS, sf: ServiceFile, read: Callable[[str], TokenView]) -> str:
+    """Put ``sf``'s token at ``sf.path`` unless a newer one of the same user is there.
+
+    ``read`` is the token kind's reader (TokenKind.read).  Returns INSTALLED,
+    UNCHANGED (this very token is there, with the owner, group and mode
+    asked for) or NEWER_THERE.  The directory must exist, be a directory
+    (not a symlink to one) owned by root (or the delivering account) and
+    writable by nobody else; whatever is at the path that is not a
+    directory (a symlink, an older token, garbage) is replaced by the rename,
+    never followed.  Raises OSError or TransportError; nothing half-written
+    stays behind.
+    """
+    directory, _, name = sf.path.rpartition("/")
+    directory = directory or "/"
+    info = fs.lstat(directory)
+    if info is None:
+        raise TransportError(f"{directory} does not exist")
+    if not info.is_dir:
+        raise TransportError(f"{directory} is not a directory")
+    if info.uid not in (0, fs.own_uid) or stat.S_IMODE(info.mode) & 0o022:
+        # The temporary file and the lock go there: nobody else may swap them.
+        raise TransportError(f"{directory} must be owned by root and not group/world-writable")
+    tf = sf.token
+    outcome = _against(fs, sf, read)
+    if outcome is not None:
+        _sweep(fs, directory, tf.order, name)
+        return outcome
+    temp = _create_temp(fs, directory, name, tf, sf.mode, (sf.owner, sf.group))
+    renamed = False
+    try:
+        with _Lock(fs, _join(directory, f".{name}.lock")):
+            outcome = _against(fs, sf, read)  # again, now that no other pusher can change it
+            if outcome is not None:
+                return outcome
+            fs.rename(temp, sf.path)
+            renamed = True
+            _sweep(fs, directory, tf.order, name)
+            return INSTALLED
+    finally:
+        if not renamed:
+            fs.remove(temp)
+
+
+def _against(fs: NodeFS, sf: ServiceFile, read: Callable[[str], TokenView]) -> str | None:
+    """UNCHANGED or NEWER_THERE if the file at ``sf.path`` makes writing pointless; None
+    if it is to be (re)written: absent, not a regular file, not a token of this user,
+    older, expired when ours was issued, or this token with another owner or mode."""
+    current = fs.lstat(sf.path)
+    if current is None:
+        return None
+    if current.is_dir:
+        raise TransportError(f"{sf.path} is a directory")
+    if not current.is_file or current.size > MAX_TOKEN:
+        return None
+    data = fs.read(sf.path, MAX_TOKEN)
+    try:
+        there = read(data.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    tf = sf.token
+    if there.subject != tf.user or there.exp <= tf.iat:
+        return None
+    ours = (tf.iat, tf.exp, tf.version)
+    theirs = (there.iat, there.exp, there.version or 0)
+    if theirs > ours:
+        return NEWER_THERE
+    if theirs < ours or data != tf.data():
+        return None
+    same = (current.uid, current.gid, stat.S_IMODE(current.mode)) == (sf.owner, sf.group, sf.mode)
+    return UNCHANGED if same else None
 
 
 def _ensure_dirs(fs: NodeFS, base: str, uid: int, gid: int) -> None:
@@ -170,11 +257,12 @@ def _ensure_dirs(fs: NodeFS, base: str, uid: int, gid: int) -> None:
 
 
 class _Lock:
-    """<base>/.lock.<uid>, created exclusively; broken when older than LOCK_STALE."""
+    """A lock file (<base>/.lock.<uid>, <dir>/.<name>.lock) in a directory only the
+    pusher can write, created exclusively; broken when older than LOCK_STALE."""
 
-    def __init__(self, fs: NodeFS, base: str, uid: int) -> None:
+    def __init__(self, fs: NodeFS, path: str) -> None:
         self.fs = fs
-        self.path = _join(base, f".lock.{uid}")
+        self.path = path
 
     def __enter__(self) -> None:
         deadline = time.monotonic() + LOCK_WAIT

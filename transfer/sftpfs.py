@@ -106,6 +106,13 @@ class SftpFS:
     def listdir(self, path: str) -> list[str]:
         return self.sftp.listdir(path)
 
+    def read(self, path: str, limit: int) -> bytes:
+        # By path (SFTP opens follow symlinks): install_file reads only what
+        # lstat found to be a regular file, in a directory only root can write.
+        with self.sftp.open(path, "rb") as handle:
+            data: bytes = handle.read(limit)
+        return data
+
     def rmdir(self, path: str) -> bool:
         try:
             self.sftp.rmdir(path)

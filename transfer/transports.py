@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from tokenlife.config import DeliveryConfig
 from tokenlife.errors import TransportError
-from tokenlife.records import TokenFile
+from tokenlife.records import ServiceFile, TokenFile
+from tokenlife.tokenview import TokenView
 from transfer import nodefs
 from transfer.localfs import LocalFS
 
@@ -55,6 +56,12 @@ class LocalTransport:
         except OSError as exc:
             raise _reason(node, exc) from exc
 
+    def put_file(self, node: str, sf: ServiceFile, read: Callable[[str], TokenView]) -> str:
+        try:
+            return nodefs.install_file(self._fs(node), sf, read)
+        except OSError as exc:
+            raise _reason(node, exc) from exc
+
     def close(self) -> None:
         pass
 
@@ -71,6 +78,9 @@ class SshTransport:
 
     def remove(self, node: str, uid: int) -> bool:
         return self._twice(node, lambda fs: nodefs.remove(fs, self.remote_dir, uid))
+
+    def put_file(self, node: str, sf: ServiceFile, read: Callable[[str], TokenView]) -> str:
+        return self._twice(node, lambda fs: nodefs.install_file(fs, sf, read))
 
     def _twice(self, node: str, action: Callable[[SftpFS], T]) -> T:
         # A pooled connection may have died while idle: one fresh try.

@@ -314,7 +314,7 @@ def test_engine_environment_of_usage_is_documented(built: dict[str, str]) -> Non
 def test_every_config_key_is_in_the_man_page(built: dict[str, str]) -> None:
     keys = set()
     for heading, lines in split(man_sections(built["tokenlife.toml.5"])["OPTIONS"], ".SS").items():
-        section = re.match(r"\[([a-z.]+)\]", heading)
+        section = re.match(r"\[\[?([a-z.]+)\]", heading)
         for tag in tags(lines):
             assert section, f"key {tag} under no [section]"
             key = tag.split(" (", 1)[0]

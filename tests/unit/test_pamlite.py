@@ -68,7 +68,9 @@ array = st.lists(scalar, max_size=3).flatmap(
 value = scalar | array | st.sampled_from(["", "[[1]]", "[1,\n2]", "[ ]"])
 line = st.one_of(
     st.lists(bare, min_size=1, max_size=2).map(lambda p: "[" + ".".join(p) + "]"),
-    st.sampled_from(["[[t]]", "[ key ]", "[key] # c", "[key] x", "[a . b]", "[]", "[a..b]"]),
+    st.sampled_from(
+        ["[[t]]", "[[service]]", "[ key ]", "[key] # c", "[key] x", "[a . b]", "[]", "[a..b]"]
+    ),
     st.tuples(
         bare | st.sampled_from(['"q"', "a.b", "a b", ""]),
         st.sampled_from([" = ", "=", " =", "= ", "==", " "]),
@@ -105,6 +107,10 @@ SUBSET = {
     "[delivery]\nt = 1\n[delivery.ssh]\nport = 22\n": {"delivery": {"t": 1, "ssh": {"port": 22}}},
     'top = "level"\n': {"top": "level"},
     "[a]\nb = 1#c\n": {"a": {"b": 1}},
+    '[[service]]\nuser = "a"\n[[ service ]] # c\n[pam]\n': {
+        "service": [{"user": "a"}, {}],
+        "pam": {},
+    },
 }
 OUTSIDE = [
     '[key]\npath = "/a\\u0041"\n',  # an escape
@@ -122,6 +128,11 @@ OUTSIDE = [
     "[a]\nb = 01\n",
     '[a]\nb = "x" y\n',
     "[[a]]\n",
+    "[[service.x]]\n",
+    "[service]\n[[service]]\n",  # invalid: a table, then an array
+    "[[service]]\n[service]\n",  # invalid: an array, then a table
+    "[[service]]\n[service.x]\n",  # valid TOML, but a sub-table of an element
+    "[[service]]]\n",
 ]
 
 
@@ -439,6 +450,20 @@ CHANGES: dict[str, Callable[[LoginSite], object]] = {
     "config missing": lambda s: s.config.unlink(),
     "owner not in the user database": lambda s: s.configure('[key]\nowners = ["tl-none"]\n'),
 }
+
+
+def test_service_entries_keep_the_quick_path(site: LoginSite) -> None:
+    """[[service]] entries are the daemons', like [delivery]: a login is decided (and
+    they are checked: not at all) as without them."""
+    site.configure(
+        '[[service]]\nuser = "bin"\nhosts = ["web01"]\npath = "/etc/svc/jwt"\n'
+        '[[service]]\nuser = "daemon"\nhosts = ["web01"]\npath = "/etc/svc/other"\n'
+    )
+    assert len(configmod.load(site.config).services) == 2
+    assert site.full_path() is True
+    assert site.in_place() is True
+    before = site.snapshot()
+    assert site.full_path() is False and site.snapshot() == before
 
 
 @pytest.mark.parametrize("change", CHANGES.values(), ids=CHANGES.keys())

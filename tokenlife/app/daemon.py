@@ -1,5 +1,8 @@
 """``tokenlife serve``: the mint socket plus the renewal tick on a schedule.
 
+A tick: renewal, then new chains for ``[[service]]`` accounts that need
+one, then delivery (users' nodes, then the services' token files).
+
 APScheduler only decides *when*; the work is the same ``Renewer.tick`` the
 systemd timer runs.  Signals (handlers only set flags or poke the
 scheduler): ALRM ticks now, HUP reloads the configuration (a bad file keeps
@@ -22,11 +25,15 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenlife import config as configmod
 from tokenlife.app.metrics import Metrics
 from tokenlife.errors import TokenlifeError
+
+if TYPE_CHECKING:
+    from repository.services import ServiceKeeper
+    from transfer.service_delivery import ServiceDelivery
 
 log = logging.getLogger("tokenlife.daemon")  # the name operators grep for
 
@@ -44,6 +51,8 @@ class Daemon:
         self._lock = threading.Lock()  # one tick at a time, reloads between ticks
         self.again = threading.Event()  # a tick was asked for while one ran
         self.tick_started: float | None = None  # monotonic start of the running tick
+        self.keeper: ServiceKeeper | None = None  # [[service]] accounts' new chains
+        self.services: ServiceDelivery | None = None  # ... and their token files
 
     def _build(self) -> None:
         from tokenlife.app.site import Site
@@ -51,6 +60,13 @@ class Daemon:
         config = configmod.load(self.config_path)
         site = Site.from_config(config, actor=f"serve@{os.uname().nodename}")
         site.key_source.load()  # fail at start (or reload), not at the first login
+        if config.services:
+            from repository.services import check_services
+
+            # An unknown or refused [[service]] account fails the start (or the
+            # reload), like the rest of a bad configuration.
+            for warning in check_services(config):
+                log.warning("%s", warning)
         cycle = site.cycle() if config.serve.deliver else None
         old, self.site = getattr(self, "site", None), site
         self.config, self.minter, self.renewer, self.cycle = (
@@ -59,6 +75,8 @@ class Daemon:
             site.renewer,
             cycle,
         )
+        self.keeper = site.keeper if config.services else None
+        self.services = site.service_delivery() if config.services and cycle else None
         if old is not None:
             old.close()
 
@@ -105,17 +123,26 @@ class Daemon:
         stats.renewal(summary)
         level = logging.WARNING if summary.failed else logging.INFO
         log.log(level, "tick: %s", summary.line())
+        if self.keeper is not None:  # each service on its own: this never raises
+            kept = self.keeper.keep()
+            log.log(logging.WARNING if kept.failed else logging.INFO, "tick: %s", kept.line())
         if self.cycle is None:
             return True
+        ok = True
         try:
             delivery = self.cycle.run()
         except TokenlifeError as exc:
             log.error("delivery failed: %s", exc)
-            return False
-        stats.delivery(delivery)
-        level = logging.WARNING if delivery.failed or delivery.jobs_error else logging.INFO
-        log.log(level, "delivery: %s", delivery.line())
-        return True
+            ok = False
+        else:
+            stats.delivery(delivery)
+            level = logging.WARNING if delivery.failed or delivery.jobs_error else logging.INFO
+            log.log(level, "delivery: %s", delivery.line())
+        if self.services is not None:  # each host on its own: this never raises
+            files = self.services.run()
+            level = logging.WARNING if files.failed else logging.INFO
+            log.log(level, "delivery: %s", files.line())
+        return ok
 
     def reload(self) -> None:
         with self._lock:

@@ -96,23 +96,36 @@ def _refused(socket_path: str) -> str | None:
 def renew(args: argparse.Namespace) -> int:
     if args.user:
         validate_name(args.user)
-    renewer = Site.from_config(_config(args), actor="renewer").renewer
-    return _print_summary(renewer.tick(args.user, force=args.now), args.json, "tokenlife-renew")
+    site = Site.from_config(_config(args), actor="renewer")
+    summary = site.renewer.tick(args.user, force=args.now)
+    # After the renewal pass: new chains for the [[service]] accounts that need one.
+    services = site.keeper.keep(args.user) if site.config.services else None
+    return _print_summary(summary, args.json, "tokenlife-renew", services=services)
 
 
-def _print_summary(summary: Any, as_json: bool, command: str, first: str = "") -> int:
+def _print_summary(
+    summary: Any, as_json: bool, command: str, first: str = "", services: Any = None
+) -> int:
     """The run's summary line (or JSON), its errors on stderr; exit 1 if any.
 
-    ``first``: an error of the whole run, shown before the per-item ones.
+    ``first``: an error of the whole run, shown before the per-item ones;
+    ``services``: the ``[[service]]`` accounts' part of the run (a second
+    line; the JSON's ``services``).
     """
     errors = ([first] if first else []) + summary.errors
+    if services is not None:
+        errors += services.errors
     if as_json:
-        print(json.dumps(summary.as_dict(), indent=2))
+        extra = {} if services is None else {"services": services.as_dict()}
+        print(json.dumps({**summary.as_dict(), **extra}, indent=2))
     else:
         print(summary.line())
+        if services is not None:
+            print(services.line())
         for error in errors:
             print(f"{command}: {error}", file=sys.stderr)
-    return 1 if summary.failed or first else 0
+    failed = summary.failed or (services is not None and services.failed)
+    return 1 if failed or first else 0
 
 
 def rotate_key(args: argparse.Namespace) -> int:
@@ -174,18 +187,23 @@ def _push(args: argparse.Namespace) -> int:
     else:
         jobs, user, deadline = site.jobs, args.user, None
     progress = _progress_bar if sys.stderr.isatty() and not args.json else None
+    services = None
     try:
         summary = site.cycle(jobs).run(
             user, args.node, complete=not args.job, deadline=deadline, progress=progress
         )
+        if site.config.services and not args.job:  # the [[service]] accounts' token files
+            services = site.service_delivery().run(user, args.node)
         idle = summary.delivered + summary.unchanged + summary.removed + summary.failed == 0
+        if services is not None:
+            idle = idle and services.delivered + services.unchanged + services.failed == 0
         note = _nothing_owed(site, args.node, user) if args.node and idle else ""
     finally:
         site.close()
     if progress is not None:
         print(file=sys.stderr)
     first = summary.jobs_error or summary.store_error  # never both: see DeliveryCycle.run
-    status = _print_summary(summary, args.json, "tokenlife-push", first)
+    status = _print_summary(summary, args.json, "tokenlife-push", first, services)
     if note and not summary.unfinished:
         print(f"tokenlife-push: {args.node}: nothing owed: {note}", file=sys.stderr)
     return status
@@ -385,6 +403,13 @@ def config_check(args: argparse.Namespace) -> int:
         "transport": config.delivery.transport,
         "job_source": config.delivery.jobs,
     }
+    warnings: list[str] = []
+    if config.services:
+        from repository.services import check_services
+
+        # An unknown or refused account is a configuration error (exit 2), as at load.
+        warnings = check_services(config)
+        report["services"] = [f"{e.user}: {','.join(e.hosts)}:{e.path}" for e in config.services]
     problems = []
     try:
         report["key_id"] = source.load().key_id
@@ -392,12 +417,15 @@ def config_check(args: argparse.Namespace) -> int:
         problems.append(f"key: {exc}")
     problems += _store_problems(config)
     report["problems"] = problems
+    report["warnings"] = warnings
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         for name, value in report.items():
-            if name != "problems":
+            if name not in ("problems", "warnings"):
                 print(f"{name}: {value}")
+        for warning in warnings:
+            print(f"warning: {warning}")
         for problem in problems:
             print(f"problem: {problem}")
         if not problems:

@@ -15,8 +15,9 @@ Read from the configuration: tables of ``key = value`` lines whose values
 are plain strings, integers, decimals, booleans or one-line arrays of those
 (the form ``tokenlife config sample`` writes); the tables a login uses
 ([key] with a file HS256 key, [token], [producer], [pam], [store], [login])
-are checked as tokenlife.config checks them.  [delivery], [engine] and
-[serve] belong to the daemons and are not read here.
+are checked as tokenlife.config checks them.  [delivery], [engine],
+[serve] and the [[service]] entries belong to the daemons and are not read
+here.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ READ_KEYS = {
     "store": frozenset({"url", "spool_dir", "purge_after"}),
     "login": frozenset({"token_dir"}),
 }
-#: the daemons' tables, not read on the login path
-NOT_READ = frozenset({"delivery", "engine", "serve"})
+#: the daemons' tables, not read on the login path (as tokenlife.config.Config names them)
+NOT_READ = frozenset({"delivery", "engine", "serve", "services"})
+#: the arrays of tables in the subset (their TOML name: Config's name), the daemons' too
+_ARRAYS = {"service": "services"}
 
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -102,8 +105,19 @@ def parse_toml(text: str) -> dict[str, Any]:
 
 
 def _header(root: dict[str, Any], line: str) -> dict[str, Any]:
+    if line.startswith("[["):  # [[service]] only: one more element of its array
+        end = line.find("]]")
+        name = line[2:end].strip(" \t") if end > 0 else ""
+        if name not in _ARRAYS or not _blank(line[end + 2 :]):
+            raise Unsure("an array of tables other than [[service]]")
+        array = root.setdefault(name, [])
+        if not isinstance(array, list):
+            raise Unsure("a table used as an array")
+        element: dict[str, Any] = {}
+        array.append(element)
+        return element
     end = line.find("]")
-    if line.startswith("[[") or end < 0 or not _blank(line[end + 1 :]):
+    if end < 0 or not _blank(line[end + 1 :]):
         raise Unsure("not a plain table header")
     *parents, last = [_bare(part.strip(" \t")) for part in line[1:end].split(".")]
     table = root
@@ -201,8 +215,10 @@ class Settings:
 
     def __init__(self, doc: dict[str, Any]) -> None:
         for name, table in doc.items():
-            if name in NOT_READ and isinstance(table, dict):
+            if name in NOT_READ - set(_ARRAYS.values()) and isinstance(table, dict):
                 continue
+            if _ARRAYS.get(name) in NOT_READ and isinstance(table, list):
+                continue  # [[service]]
             keys = READ_KEYS.get(name)
             if keys is None or not isinstance(table, dict) or not table.keys() <= keys:
                 raise Unsure(f"[{name}] has keys the full path checks")

@@ -2,7 +2,8 @@
 
 ``Site.from_config(config)`` gives every command, the daemon and the demo
 the same key source, store, minter, renewer (with its sinks), transport, job
-source and delivery cycle, each chosen by name through tokenlife.registry;
+source and delivery cycle (and for ``[[service]]`` accounts the keeper and
+their file delivery), each chosen by name through tokenlife.registry;
 ``Site.for_login(config)`` is the PAM fallback's variant (spool instead of
 the database, the key cache before any network).  Everything is built on
 first use and imported only then: ``tokenlife pam`` and the commands that
@@ -32,7 +33,9 @@ from tokenlife.interfaces import (
 if TYPE_CHECKING:
     from producer.mint import Minter
     from repository.renewer import Renewer
+    from repository.services import ServiceKeeper
     from transfer.cycle import DeliveryCycle
+    from transfer.service_delivery import ServiceDelivery
 
 
 class Site:
@@ -158,6 +161,26 @@ class Site:
             jobs if jobs is not None else self.jobs,
             d.remove_after,
             d.ssh.concurrency,
+            actor=actor or self.actor,
+        )
+
+    @cached_property
+    def keeper(self) -> ServiceKeeper:
+        """Keeps a valid token for each ``[[service]]`` account (after each renewal pass)."""
+        from repository.services import ServiceKeeper
+
+        return ServiceKeeper(self.config, self.minter, self.store, actor="service")
+
+    def service_delivery(self, actor: str | None = None) -> ServiceDelivery:
+        """The ``[[service]]`` accounts' token files, over this site's transport."""
+        from transfer.service_delivery import ServiceDelivery
+
+        return ServiceDelivery(
+            self.config,
+            self.store,
+            self.transport,
+            self.kind,
+            self.config.delivery.ssh.concurrency,
             actor=actor or self.actor,
         )
 

@@ -20,14 +20,47 @@ def status(args: argparse.Namespace) -> int:
     from repository.status import snapshot
 
     config = configmod.load(args.config)
-    snap = snapshot(Site.from_config(config).store, int(time.time()))  # StoreError: exit 6
+    store = Site.from_config(config).store
+    snap = snapshot(store, int(time.time()))  # StoreError: exit 6
+    services: list[dict[str, Any]] = []
+    if config.services:
+        from repository.services import service_status
+
+        services = service_status(store, config.services, snap.now)
     daemon = _daemon_status(config.serve.metrics)
     if args.json:
-        print(json.dumps({**snap.as_dict(), "daemon": daemon}, indent=2))
+        extra = {"services": services} if config.services else {}
+        print(json.dumps({**snap.as_dict(), "daemon": daemon, **extra}, indent=2))
         return 0
     for label, text in _status_lines(snap, daemon, config.serve.interval):
         print(f"{label:<12}{text}")
+    for service in services:
+        print(f"{'service':<12}{_service_line(service, snap.now)}")
     return 0
+
+
+def _service_line(service: dict[str, Any], now: int) -> str:
+    """``slurmweb: v3 expires in 1h (chain until ...); node01 current 2m ago, node02 never``."""
+    from tokenlife.durations import format_duration as span
+
+    token = service["token"]
+    if token is None:
+        text = f"{service['user']}: no active token"
+    else:
+        left = token["seconds_left"]
+        when = f"expires in {span(left)}" if left > 0 else f"expired {span(-left)} ago"
+        text = (
+            f"{service['user']}: v{token['version']} {when}, chain until "
+            f"{datetime.fromtimestamp(token['renew_until'], UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}"
+        )
+    hosts = []
+    for host, last in service["hosts"].items():
+        if last is None:
+            hosts.append(f"{host} never")
+            continue
+        held = "current" if last["current"] else f"v{last['version']} of {last['token_id']}"
+        hosts.append(f"{host} {held} ({span(max(0, now - last['at']))} ago)")
+    return f"{text}; {service['path']}: {', '.join(hosts)}"
 
 
 def _daemon_status(address: str) -> dict[str, Any] | None:

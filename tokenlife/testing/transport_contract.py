@@ -13,7 +13,9 @@ when this host sees them under a directory), and a scratch path off ``BASE``::
             return Node(lambda: MyFS(root), RootedFiles(root), outside="/scratch")
 
 It needs root (files go to uid 4242).  Each test delivers through transfer.nodefs
-to ``BASE`` and checks content, mode, owner and iat as mtime through NodeFiles.
+to ``BASE`` and checks content, mode, owner and iat as mtime through NodeFiles;
+the ``test_service_file_*`` tests do the same for a service account's file
+(``nodefs.install_file``) in ``BASE/svc``.
 tokenlife runs it on LocalFS and on SFTP to a real OpenSSH node
 (tests/integration/test_transport_contract.py).
 ``pytest.register_assert_rewrite("tokenlife.testing")`` in a conftest.py details failures.
@@ -21,12 +23,14 @@ tokenlife runs it on LocalFS and on SFTP to a real OpenSSH node
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -34,7 +38,8 @@ import pytest
 
 from tokenlife.errors import TransportError
 from tokenlife.interfaces import NodeFS
-from tokenlife.records import TokenFile
+from tokenlife.records import ServiceFile, TokenFile
+from tokenlife.slurm_jwt import SlurmJwt
 from transfer import nodefs
 from transfer.nodefs import INSTALLED, NEWER_THERE, UNCHANGED
 
@@ -278,3 +283,110 @@ class TransportContract:
         assert errors == []
         check_file(node, versions[-1])
         assert leftovers(node) == []
+
+    # -- a service account's token at a path of its own (nodefs.install_file) ------------
+
+    def test_service_file_is_installed_with_its_owner_group_and_mode(self, node: Node) -> None:
+        node.files.mkdir(SERVICE_DIR, 0o755)
+        sf = service_file(1, 1_800_000_000, mode=0o640)
+        assert nodefs.install_file(node.connect(), sf, SlurmJwt().read) == INSTALLED
+        check_service_file(node, sf)
+        assert node.files.listdir(SERVICE_DIR) == ["jwt"]  # no temporary file, no lock
+
+    def test_service_file_same_is_left_alone_older_never_over_newer(self, node: Node) -> None:
+        node.files.mkdir(SERVICE_DIR, 0o755)
+        fs = node.connect()
+        v1, v2 = service_file(1, 1_800_000_000), service_file(2, 1_800_000_100)
+        assert nodefs.install_file(fs, v2, SlurmJwt().read) == INSTALLED
+        inode = node.files.lstat(SERVICE_PATH).st_ino
+        assert nodefs.install_file(fs, v2, SlurmJwt().read) == UNCHANGED
+        assert nodefs.install_file(fs, v1, SlurmJwt().read) == NEWER_THERE
+        assert node.files.lstat(SERVICE_PATH).st_ino == inode
+        check_service_file(node, v2)
+        # A new chain minted in the second its predecessor was renewed: a later exp.
+        chain = service_file(1, 1_800_000_100, exp=1_800_003_700 + 60)
+        assert nodefs.install_file(fs, chain, SlurmJwt().read) == INSTALLED
+        check_service_file(node, chain)
+        # The same token with another mode (changed by hand) is written again.
+        node.files.chmod(SERVICE_PATH, 0o644)
+        assert nodefs.install_file(fs, chain, SlurmJwt().read) == INSTALLED
+        check_service_file(node, chain)
+        assert node.files.listdir(SERVICE_DIR) == ["jwt"]
+
+    def test_service_file_replaces_what_is_not_a_newer_token(self, node: Node) -> None:
+        node.files.mkdir(SERVICE_DIR, 0o755)
+        fs = node.connect()
+        for junk in (b"not a token", b"\xff" * 10, b""):
+            node.files.write_bytes(SERVICE_PATH, junk)
+            sf = service_file(1, 1_800_000_000)
+            assert nodefs.install_file(fs, sf, SlurmJwt().read) == INSTALLED
+            check_service_file(node, sf)
+        # Another user's newer token is no reason to keep it.
+        other = service_file(9, 1_900_000_000, user="someone-else")
+        node.files.write_bytes(SERVICE_PATH, other.token.data())
+        assert nodefs.install_file(fs, sf, SlurmJwt().read) == INSTALLED
+        check_service_file(node, sf)
+
+    def test_service_file_symlink_is_replaced_not_followed(self, node: Node) -> None:
+        victim = f"{node.outside}/victim"
+        node.files.mkdir(node.outside, 0o755)
+        node.files.write_bytes(victim, b"keep")
+        node.files.mkdir(SERVICE_DIR, 0o755)
+        node.files.symlink(SERVICE_PATH, victim)
+        sf = service_file(1, 1_800_000_000)
+        assert nodefs.install_file(node.connect(), sf, SlurmJwt().read) == INSTALLED
+        check_service_file(node, sf)
+        assert node.files.read_bytes(victim) == b"keep" and node.files.lstat(victim).st_uid == 0
+
+    def test_service_file_directory_must_be_roots_alone(self, node: Node) -> None:
+        fs = node.connect()
+        sf = service_file(1, 1_800_000_000)
+        with pytest.raises(TransportError, match=f"^{SERVICE_DIR} does not exist$"):
+            nodefs.install_file(fs, sf, SlurmJwt().read)
+        node.files.mkdir(SERVICE_DIR, 0o775)
+        with pytest.raises(TransportError, match="must be owned by root and not group/world"):
+            nodefs.install_file(fs, sf, SlurmJwt().read)
+        node.files.chmod(SERVICE_DIR, 0o755)
+        node.files.chown(SERVICE_DIR, UID, GID)
+        with pytest.raises(TransportError, match="must be owned by root and not group/world"):
+            nodefs.install_file(fs, sf, SlurmJwt().read)
+        assert node.files.listdir(SERVICE_DIR) == []
+        elsewhere = f"{node.outside}/elsewhere"
+        node.files.mkdir(elsewhere, 0o755)
+        link = f"{BASE}/linked/jwt"
+        node.files.symlink(f"{BASE}/linked", elsewhere)
+        with pytest.raises(TransportError, match=f"^{BASE}/linked is not a directory$"):
+            nodefs.install_file(fs, replace(sf, path=link), SlurmJwt().read)
+        assert node.files.listdir(elsewhere) == []
+        node.files.mkdir(SERVICE_PATH, 0o755)
+        node.files.chown(SERVICE_DIR, 0, 0)
+        with pytest.raises(TransportError, match=f"^{SERVICE_PATH} is a directory$"):
+            nodefs.install_file(fs, sf, SlurmJwt().read)
+
+
+SERVICE_DIR = f"{BASE}/svc"
+SERVICE_PATH = f"{SERVICE_DIR}/jwt"
+
+
+def service_file(
+    version: int, iat: int, exp: int | None = None, mode: int = 0o600, user: str = "svc"
+) -> ServiceFile:
+    """A token that reads like one of ours (SlurmJwt.read: never verified here)."""
+    exp = exp or iat + 3600
+    claims = {"sun": user, "iat": iat, "exp": exp}
+    claims["tokenlife"] = {"renew_until": iat + 86400, "version": version}
+
+    def part(data: object) -> str:
+        raw = json.dumps(data, separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    text = f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
+    tf = TokenFile(user, 4444, 4444, f"t{version}", version, iat, exp, text)
+    return ServiceFile(SERVICE_PATH, UID, GID, mode, tf)
+
+
+def check_service_file(node: Node, sf: ServiceFile) -> None:
+    st = node.files.lstat(sf.path)
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == sf.mode
+    assert (st.st_uid, st.st_gid) == (sf.owner, sf.group)
+    assert node.files.read_bytes(sf.path) == sf.token.data()

@@ -9,8 +9,9 @@ The rows are what tokenlife would have written, not written through it:
               order (``exp`` unrelated to ``id``); lifetime 2 days, renew-until
               7 days after a first issue up to 6 days earlier, so 2 in 7 are
               at their renew-until (``exp = renew_until``)
-  events      n audit events over the 7 days before ``now`` (a seventh in the
-              last 24 hours), in id order: renewed, delivered, minted, ...
+  events      n audit events (or ``events``) over the 7 days before ``now`` (a
+              seventh in the last 24 hours), in id order: renewed, delivered,
+              minted, ...
   deliveries  n / 10 records on 1,000 nodes, 1% failed, 2% pending
 """
 
@@ -51,8 +52,9 @@ def _series(dialect: str, count: int) -> tuple[str, str]:
     return "", f"FROM generate_series(0::bigint, {count - 1}) AS i"
 
 
-def fill(engine: Engine, n: int, now: int) -> None:
+def fill(engine: Engine, n: int, now: int, events: int | None = None) -> None:
     """Add the rows above to an empty, migrated store (ids from 1), then ANALYZE."""
+    m = n if events is None else events
     sqlite = engine.dialect.name == "sqlite"
     ts = _sqlite_ts if sqlite else _pg_ts
     fmt = "printf" if sqlite else "format"
@@ -78,11 +80,12 @@ def fill(engine: Engine, n: int, now: int) -> None:
         "WHEN i % 100 < 95 THEN 'failed' WHEN i % 100 < 97 THEN 'expired' "
         "WHEN i % 100 < 98 THEN 'revoked' WHEN i % 100 < 99 THEN 'removed' ELSE 'purged' END"
     )
-    at = f"({now - 7 * DAY} + i * {7 * DAY} / {n})"  # appended in time order
-    events = (
-        f'{with_}INSERT INTO events (id, at, event, "user", token_id, version, actor, reason) '
+    at = f"({now - 7 * DAY} + i * {7 * DAY} / {m})"  # appended in time order
+    with_e, from_e = _series(engine.dialect.name, m)
+    audit = (
+        f'{with_e}INSERT INTO events (id, at, event, "user", token_id, version, actor, reason) '
         f"SELECT i + 1, {ts(at)}, {kinds}, {fmt}('u%s', (i * 7) % {n}), {hexid}, 1, "
-        f"'serve@bench', '' {from_}"
+        f"'serve@bench', '' {from_e}"
     )
     d = max(1, n // 10)
     with_d, from_d = _series(engine.dialect.name, d)
@@ -98,7 +101,7 @@ def fill(engine: Engine, n: int, now: int) -> None:
     with engine.begin() as conn:
         # The driver's cursor, without parameters: psycopg would take ``%`` for one.
         cursor = conn.connection.cursor()
-        for statement in (tokens, events, deliveries):
+        for statement in (tokens, audit, deliveries):
             cursor.execute(statement)
         if not sqlite:
             for table in ("tokens", "events", "deliveries"):
@@ -117,11 +120,3 @@ def analyze(engine: Engine) -> None:
         else:
             conn.exec_driver_sql("ANALYZE")
             conn.commit()
-
-
-def drop_indexes(engine: Engine) -> None:
-    """The schema before 0004 (a store not yet upgraded)."""
-    with engine.begin() as conn:
-        for name in INDEXES:
-            conn.exec_driver_sql(f"DROP INDEX {name}")
-    analyze(engine)
