@@ -12,6 +12,7 @@ import pwd
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,3 +199,99 @@ def test_root_is_refused_unless_allowed(
     assert "services: minted 1, kept 0, failed 0" in renew.stdout
     assert "minted a PRIVILEGED token (uid 0" in renew.stderr
     assert stat.S_IMODE(os.stat(tmp_path / "db.sqlite").st_mode) & 0o077 == 0
+
+
+HOOK = """#!/bin/sh
+echo "$TOKENLIFE_USER $TOKENLIFE_FILE $TOKENLIFE_RENEW_UNTIL $TOKENLIFE_VERSION $TOKENLIFE_EXP" \\
+    >> {record}
+"""
+
+
+def test_a_watcher_on_the_node_runs_its_hook_once_per_change_across_chains(
+    ssh_nodes: SshNodes, tmp_path: Path, test_users: tuple[str, str]
+) -> None:
+    """Both halves of a service on its host: the token host keeps the service's
+    file there across chains, and ``tokenlife-engine watch``, running on the
+    node as the service account, runs its hook once per new token."""
+    alice = test_users[0]
+    for node in ssh_nodes:
+        ssh_nodes.reboot_node(node.name)
+    ssh_nodes.write_known_hosts()
+    node01 = ssh_nodes["node01"]
+    for node in ssh_nodes:
+        node.run(["install", "-d", "-m", "0755", SERVICE_DIR])
+    cfg = write_config(tmp_path, ssh_nodes, service_entry(alice))  # owner alice, 0600
+    shared = Path(tempfile.mkdtemp(prefix="tl-svc-hook-"))
+    shared.chmod(0o1777)
+    record = shared / "runs"
+    hook = shared / "hook.sh"
+    hook.write_text(HOOK.format(record=record))
+    hook.chmod(0o755)
+    engine = Path(tokenlife_bin()).with_name("tokenlife-engine")
+    pw = pwd.getpwnam(alice)
+    as_alice = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups"]
+    enter = ["nsenter", f"--target={node01.pid}", "--mount", "--"]
+    log = tmp_path / "serve.log"
+    watch_log = tmp_path / "watch.log"
+    with open(log, "wb") as err:
+        serve = subprocess.Popen(
+            [tokenlife_bin(), "-c", str(cfg), "-v", "serve"], stdout=err, stderr=err
+        )
+    watcher: subprocess.Popen[bytes] | None = None
+    seen: set[tuple[int, int, int]] = set()  # (renew_until, version, exp) the file held
+    try:
+        deadline = time.monotonic() + 15
+        while not node01.exists(SERVICE_PATH):
+            assert serve.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"no token file on node01\n{log.read_text()}"
+            time.sleep(0.05)
+        with open(watch_log, "wb") as err:
+            watcher = subprocess.Popen(
+                [
+                    *enter,
+                    *as_alice,
+                    str(engine),
+                    "watch",
+                    "--file",
+                    SERVICE_PATH,
+                    "--timeout",
+                    "10",
+                    "--",
+                    str(hook),
+                ],
+                stdout=err,
+                stderr=err,
+                env={"PATH": "/usr/bin:/bin"},
+            )
+        first_run: float | None = None
+        started = time.monotonic()
+        while len({r for r, _, _ in seen}) < 4:  # the chain at start and 3 more
+            assert time.monotonic() - started < 90, f"{seen}\n{log.read_text()}"
+            assert serve.poll() is None and watcher.poll() is None, watch_log.read_text()
+            if first_run is None and record.exists():
+                first_run = time.monotonic()
+            if first_run is not None:
+                view = SlurmJwt().read(node01.read_text(SERVICE_PATH))
+                assert view.renew_until is not None and view.version is not None
+                seen.add((view.renew_until, view.version, view.exp))
+            time.sleep(0.2)
+        time.sleep(2)  # the hook for the last token sampled has run
+    finally:
+        if watcher is not None:
+            watcher.send_signal(signal.SIGTERM)
+            try:
+                watcher.wait(20)
+            except subprocess.TimeoutExpired:
+                watcher.kill()
+                watcher.wait()
+        stop(serve)
+    assert watcher is not None and watcher.returncode == 0, watch_log.read_text()
+    runs = [line.split() for line in record.read_text().splitlines()]
+    identities = [(int(r), int(v), int(e)) for _, _, r, v, e in runs]
+    # Exactly once: no token hooked twice; and every token the file held while
+    # watched (sampled five times a second) was hooked.
+    assert len(identities) == len(set(identities)), runs
+    assert seen <= set(identities), (seen, runs)
+    assert len({r for r, _, _ in identities}) >= 3, runs  # across chains
+    assert {(u, f) for u, f, *_ in runs} == {(alice, SERVICE_PATH)}
+    assert "Traceback" not in watch_log.read_text()

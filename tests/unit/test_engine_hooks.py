@@ -27,7 +27,6 @@ PATH = "/run/tokenlife/1000/slurm_jwt"
 #: what a token would be: it must never reach a hook
 SECRET = f"eyJhbGciOiJIUzI1NiJ9.SECRET{secrets.token_hex(8)}.c2ln"
 #: an inherited descriptor the hooks must not see
-LEAK_FD = 57
 
 RECORD = r"""
 out=$1
@@ -143,11 +142,12 @@ def new_runner() -> Iterator[Factory]:
 @pytest.fixture
 def leaked_fd() -> Iterator[int]:
     """An inheritable descriptor in this process: hooks must not get it."""
+    # A fresh descriptor, never a fixed number: dup2 onto a number in use
+    # would close whatever another part of the test process holds there.
     read_end, write_end = os.pipe()
-    os.dup2(read_end, LEAK_FD, inheritable=True)
+    os.set_inheritable(read_end, True)
+    yield read_end
     os.close(read_end)
-    yield LEAK_FD
-    os.close(LEAK_FD)
     os.close(write_end)
 
 
