@@ -23,13 +23,17 @@ from repository.store import SqlTokenStore, make_engine
 from tests.integration.harness.bigstore import INDEXES, fill
 
 NOW = 1_800_000_000
-#: (what identifies a snapshot's statement, the index its plan must use)
+#: (what identifies a snapshot's statement, the index its plan must use: one
+#: name, or several separated by "|" where the planner may fairly choose)
 LOOKUPS = (
     ("WHERE state = 'active' AND exp < renew_until", "ix_tokens_renewable_exp"),
     ("WHERE state = 'active' AND exp >= renew_until", "ix_tokens_at_limit_exp"),
     ("tokens.renew_until, tokens.lifetime, tokens.id FROM tokens", "ix_tokens_state_renew_until"),
     ("WITH RECURSIVE kinds", "ix_events_event_at"),
-    ("ORDER BY events.at DESC", "ix_events_event_at"),
+    # The last renewal: (event, at) gives it at once; PostgreSQL may also walk
+    # ix_events_at backwards, filtering on the kind, when its statistics say
+    # renewals are most events (they are, in the filled store): a few entries.
+    ("ORDER BY events.at DESC", "ix_events_event_at|ix_events_at"),
     ("SELECT deliveries.node, deliveries.status, count(*)", "ix_deliveries_status_node"),
 )
 
@@ -147,7 +151,7 @@ def test_a_snapshot_looks_up_along_the_indexes(big_store: SqlTokenStore) -> None
         found = [(s, p) for s, p in sent if marker in s]
         assert len(found) == 1, f"no single statement with {marker!r}: {[s for s, _ in sent]}"
         plan = explain(big_store, *found[0])
-        assert index in plan, f"{marker!r} does not use {index}:\n{plan}"
+        assert any(name in plan for name in index.split("|")), f"{marker!r}: not {index}:\n{plan}"
         # Read in index order (SQLite: "SCAN t USING INDEX" from its first
         # entry, LIMIT 1 stops there): no sort, no scan of a table's rows.
         assert "TEMP B-TREE FOR ORDER BY" not in plan and "Seq Scan" not in plan, plan
