@@ -272,6 +272,40 @@ def test_collector_caches_and_survives_a_broken_store(
         stores.close()
 
 
+def test_a_scrape_never_pairs_a_finished_tick_with_a_snapshot_from_before_it(
+    tmp_path: Path,
+) -> None:
+    """A tick that ends while a scrape runs (after its store snapshot was taken
+    from the cache) must not show up as done beside that older snapshot: a
+    monitor that waits for the tick would read the store as it was mid-tick."""
+    stores = Counting(tmp_path)
+    try:
+        stats = TickStats(interval=300)
+        collector = Collector(stores, stats, ttl=60)
+        registry = CollectorRegistry()
+        registry.register(collector)
+        generate_latest(registry)
+        assert stores.calls == 1  # cached, while the first tick still runs
+        take = collector.snapshot
+
+        def tick_ends_meanwhile() -> object:
+            snap = take()
+            stats.tick_done(True, 0.1, now=1234.0)
+            return snap
+
+        collector.snapshot = tick_ends_meanwhile  # type: ignore[method-assign,assignment]
+        during = parse(generate_latest(registry).decode())
+        collector.snapshot = take  # type: ignore[method-assign]
+        assert stores.calls == 1  # the cached snapshot, taken before the tick ended ...
+        # ... so the tick is not shown done in this scrape,
+        assert during[("tokenlife_last_tick_success_timestamp_seconds", ())] == 0
+        after = parse(generate_latest(registry).decode())
+        assert stores.calls == 2  # and the next one takes a new snapshot with it.
+        assert after[("tokenlife_last_tick_success_timestamp_seconds", ())] == 1234.0
+    finally:
+        stores.close()
+
+
 def test_addresses() -> None:
     assert split_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
     assert split_address("[::1]:9464") == ("::1", 9464)

@@ -338,16 +338,22 @@ class Collector:
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples (registration must not touch the store)."""
-        for family in (*_store_families(None, self.margin), *self._own_families()):
+        own = self._own_families(self.stats.families())
+        for family in (*_store_families(None, self.margin), *own):
             family.samples = []
             yield family
 
     def collect(self) -> Iterator[Metric]:
+        # The daemon's own figures first: a tick that ends between the two
+        # reads then makes the snapshot stale (it is keyed on stats.ticks), so
+        # a scrape never shows a finished tick beside the store as it was
+        # mid-tick (renewed but not yet delivered).
+        ticks = self.stats.families()
         snap = self.snapshot()
         yield from _store_families(snap, self.margin)
-        yield from self._own_families()
+        yield from self._own_families(ticks)
 
-    def _own_families(self) -> list[Metric]:
+    def _own_families(self, ticks: list[Metric]) -> list[Metric]:
         build = GaugeMetricFamily(
             "tokenlife_build_info",
             "tokenlife's version and what runs it; always 1.",
@@ -363,7 +369,7 @@ class Collector:
             counts = sorted(self.events.counts.items())
         for kind, count in counts:
             events.add_metric([kind], count)
-        return [build, events, *self.stats.families()]
+        return [build, events, *ticks]
 
 
 def _default_margin(lifetime: int) -> int:
