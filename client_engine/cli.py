@@ -21,7 +21,7 @@ USAGE = f"""\
 usage: {PROG} env
        {PROG} token
        {PROG} exec -- CMD [ARG...]
-       {PROG} run [--on-change HOOK] -- CMD [ARG...]
+       {PROG} run [--on-change HOOK [--on-change-timeout S]] -- CMD [ARG...]
        {PROG} watch --file PATH [--timeout S] [--poll S] [--initial] -- HOOK [ARG...]
        {PROG} check [--time-limit T] [--quiet]
        {PROG} install-wrappers [DIR]
@@ -40,7 +40,8 @@ Worker-node side of tokenlife: hands the token delivered to this node
   run     runs CMD for its whole life, keeping a per-job copy of the token
           fresh at $SLURM_JWT_FILE (krenew-style; signals are forwarded and
           CMD's exit status is returned); --on-change HOOK runs HOOK (one
-          word) after each new token in that copy (docs/hooks.md)
+          word) after each new token in that copy, killed after
+          --on-change-timeout seconds (default 60; docs/hooks.md)
   watch   runs HOOK after each change of the token in PATH (a service account's
           token): one run per new valid token, never the token itself
           (TOKENLIFE_FILE, TOKENLIFE_EXP, TOKENLIFE_VERSION...); runs until
@@ -251,25 +252,33 @@ def _install_wrappers(args: list[str]) -> int:
 
 
 def _run(environ: os._Environ[str], args: list[str]) -> int:
+    from client_engine.hooks import parse_seconds
+    from client_engine.supervisor import HOOK_TIMEOUT, supervise
+
     on_change: list[str] | None = None
+    hook_timeout = HOOK_TIMEOUT
     rest = list(args)
     while rest and rest[0] != "--" and rest[0].startswith("-"):
         flag, eq, value = rest.pop(0).partition("=")
-        if flag != "--on-change":
+        if flag not in ("--on-change", "--on-change-timeout"):
             raise UsageError(f"run: unknown option {flag[:40]}")
         if not eq:
             if not rest or rest[0] == "--":
-                raise UsageError("run: --on-change needs a HOOK")
+                raise UsageError(f"run: {flag} needs a value")
             value = rest.pop(0)
+        if flag == "--on-change-timeout":
+            try:
+                hook_timeout = parse_seconds(flag, value)
+            except ValueError as exc:
+                raise UsageError(f"run: {exc}") from None
+            continue
         if not value:
             raise UsageError("run: --on-change needs a HOOK")
         on_change = [value]
     command = _command(rest, "run")
-    from client_engine.supervisor import supervise
-
     settings = load_settings()
     uid, user = identity(environ)
-    return supervise(command, settings, uid, user, on_change=on_change)
+    return supervise(command, settings, uid, user, on_change=on_change, hook_timeout=hook_timeout)
 
 
 class UsageError(Exception):

@@ -22,6 +22,7 @@ SIGKILL ``grace`` seconds later.  The caller may have children of its own
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -33,6 +34,8 @@ from client_engine.tokens import Token
 
 #: changes that may wait while a run is going on
 QUEUE_LIMIT = 16
+#: the longest a hook may be given, and the longest poll interval
+MAX_SECONDS = 86400.0
 #: seconds between SIGTERM and SIGKILL for a run past its timeout
 GRACE = 3.0
 #: while a run is going on, tend() wants a call at least this often (callers
@@ -64,6 +67,18 @@ def describe(status: int) -> str:
 def _in_child() -> None:
     # The caller may block signals (run's signalfd): the hook must be killable.
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def parse_seconds(name: str, text: str) -> float:
+    """``text`` as seconds for option ``name``; ValueError (one line) if not in (0, 1 day]."""
+    try:
+        value = float(text) if text.isascii() else math.nan
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+        want = f"want seconds, more than 0 and at most {MAX_SECONDS:g}"
+        raise ValueError(f"{name} {text[:40]!r}: {want}")
+    return value
 
 
 class _Run:

@@ -229,8 +229,10 @@ class Supervisor:
         user: str,
         portable: bool,
         on_change: list[str] | None = None,
+        hook_timeout: float = HOOK_TIMEOUT,
     ) -> None:
         self.command = command
+        self.hook_timeout = hook_timeout
         #: ``run --on-change``: its runner exists while the command runs
         self.on_change = on_change
         self.hooks: HookRunner | None = None
@@ -404,7 +406,7 @@ class Supervisor:
             self.tend(now, changed=True)
             if self.on_change:
                 # The hook sees what the command sees: TOKENLIFE_FILE is the copy.
-                self.hooks = HookRunner(self.on_change, HOOK_TIMEOUT, say, environ=env)
+                self.hooks = HookRunner(self.on_change, self.hook_timeout, say, environ=env)
             try:
                 child = self._start(env, signals)
             except (OSError, subprocess.SubprocessError) as exc:
@@ -481,11 +483,13 @@ def supervise(
     user: str,
     portable: bool | None = None,
     on_change: list[str] | None = None,
+    hook_timeout: float = HOOK_TIMEOUT,
 ) -> int:
     """Run ``command`` to its end with a fresh token at $SLURM_JWT_FILE; its exit status.
 
-    ``on_change``: a hook run after each new token in the copy (docs/hooks.md).
+    ``on_change``: a hook run after each new token in the copy (docs/hooks.md),
+    killed after ``hook_timeout`` seconds.
     """
     if portable is None:
         portable = os.environ.get(POLL_ENV, "") not in ("", "0")
-    return Supervisor(command, settings, uid, user, portable, on_change).run()
+    return Supervisor(command, settings, uid, user, portable, on_change, hook_timeout).run()

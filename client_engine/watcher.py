@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import NamedTuple
 
-from client_engine.hooks import HookRunner
+from client_engine.hooks import HookRunner, parse_seconds
 from client_engine.supervisor import POLL_ENV, PROG, say
 from client_engine.tokens import Refused, load
 from client_engine.watch import (
@@ -62,7 +62,6 @@ USAGE = (
 )
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_POLL = 5.0
-MAX_SECONDS = 86400.0
 #: with inotify, the file is looked at this often anyway
 IDLE_CHECK = 60.0
 #: wake this long after a token's exp: it is then refused
@@ -92,12 +91,9 @@ class Options(NamedTuple):
 
 def _seconds(name: str, text: str) -> float:
     try:
-        value = float(text) if text.isascii() else math.nan
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
-        raise UsageError(f"{name} {text!r}: want seconds, more than 0 and at most {MAX_SECONDS:g}")
-    return value
+        return parse_seconds(name, text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_args(args: list[str]) -> Options:

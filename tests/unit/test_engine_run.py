@@ -530,6 +530,94 @@ def test_on_change_runs_the_hook_once_per_new_token(node: Node, tmp_path: Path) 
     assert not any(t in (read(record) or "") + err for t in tokens)
 
 
+def test_a_failing_and_a_hanging_hook_never_stop_the_next_change(
+    node: Node, tmp_path: Path
+) -> None:
+    """Three new tokens: the first run fails (exit 3), the second hangs past
+    --on-change-timeout and is killed with its process group, the third exits
+    0. Each is said in one line, the command's copy follows every token, and
+    the command ends normally with its own status."""
+    starts = tmp_path / "starts"
+    ends = tmp_path / "ends"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(
+        "#!/bin/sh\n"
+        f"n=$(($(cat {starts} 2>/dev/null | wc -l) + 1))\n"
+        f'echo "$n $$ $TOKENLIFE_EXP" >> {starts}\n'
+        "case $n in\n"
+        "  1) exit 3 ;;\n"
+        "  2) sleep 300 & echo $! > " + str(tmp_path / "child") + "; wait ;;\n"
+        "esac\n"
+        f"echo $n >> {ends}\n"
+    )
+    hook.chmod(0o755)
+    now = int(time.time())
+    node.deliver(make_token(ttl=600, renew_until=now + 3600))
+    stop = tmp_path / "stop"
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "client_engine.cli", "run"),
+            *("--on-change", str(hook), "--on-change-timeout", "1", "--"),
+            *("sh", "-c", f'while [ ! -e {stop} ]; do sleep 0.05; done; cat "$SLURM_JWT_FILE"'),
+        ],
+        env=node.env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(0.5)
+        tokens = []
+        for i in range(3):
+            tokens.append(node.deliver(make_token(ttl=600 + i, age=-1 - i)))
+            runs = i + 1
+            wait_for(lambda n=runs: len((read(starts) or "").splitlines()) == n, f"run {runs}")
+            if runs == 2:  # killed at its limit, then the next change is taken
+                wait_for(
+                    lambda: not alive(int((read(tmp_path / "child") or "0").strip() or 0)),
+                    "the hung hook's child killed",
+                    timeout=15,
+                )
+        wait_for(lambda: (read(ends) or "").split() == ["3"], "the third run ended")
+        stop.touch()
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    assert proc.returncode == 0, err
+    assert out.strip() == tokens[-1]  # the copy followed every token through the bad runs
+    lines = (read(starts) or "").splitlines()
+    assert [int(line.split()[2]) for line in lines] == [exp_of(t) for t in tokens]
+    said = [line for line in err.splitlines() if line.startswith("tokenlife-engine: hook ")]
+    assert len(said) == 2, err
+    assert said[0].endswith(") failed: exit status 3")
+    assert said[1].endswith(") timed out after 1s: killed")
+    assert sum("timed out after 1s: killed" in line for line in said) == 1, said
+    assert not any(t in err for t in tokens)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--on-change-timeout", "0"], ["--on-change-timeout=x"], ["--on-change-timeout"]],
+)
+def test_on_change_timeout_usage_errors(node: Node, args: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "client_engine.cli", "run", "--on-change", "true", *args, "--"],
+        env=node.env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("tokenlife-engine: run: --on-change-timeout ")
+    assert len(proc.stderr.splitlines()) == 1
+
+
 @pytest.mark.parametrize("args", [["--on-change"], ["--on-change", "--"], ["--on-colour=x"]])
 def test_on_change_usage_errors(node: Node, args: list[str]) -> None:
     proc = subprocess.run(
