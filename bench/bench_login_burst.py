@@ -222,12 +222,12 @@ def count_spool(spool: Path) -> int:
 # -- the pieces ---------------------------------------------------------------------------
 
 
-def write_config(work: Path, key: Path) -> Path:
+def write_config(work: Path, key: Path, run_dir: Path) -> Path:
     cfg = work / "tokenlife.toml"
     cfg.write_text(
         f'[key]\npath = "{key}"\n'
         f'[store]\nurl = "sqlite:///{work}/store.db"\nspool_dir = "{work}/spool"\n'
-        f'[login]\ntoken_dir = "{work}/run"\n'
+        f'[login]\ntoken_dir = "{run_dir}"\n'
         f'[producer]\nsocket = "{work}/mint.sock"\n'
         '[serve]\ndeliver = false\nmetrics = ""\n'
     )
@@ -285,13 +285,17 @@ def main() -> int:
     rows: list[Row] = []
     base: Row | None = None
     service: subprocess.Popen[bytes] | None = None
+    cleanup = [work]
     try:
         install_users(work, names)
         key = work / "jwt_hs256.key"
         key.write_bytes(secrets.token_bytes(32))
         key.chmod(0o600)
         module = pam_module.build(work / "pam")
-        sock, spool, run_dir = work / "mint.sock", work / "spool", work / "run"
+        sock, spool = work / "mint.sock", work / "spool"
+        # Login files live on tmpfs in production (/run/tokenlife/login), so here too.
+        run_dir = Path(tempfile.mkdtemp(prefix="tl-bench-burst-run-", dir="/dev/shm"))
+        cleanup.append(run_dir)
         install_pam_services(work, {
             "tl-burst-module": f"required {module} socket={sock} fallback={TOKENLIFE} "
                                f"config={work / 'tokenlife.toml'}",
@@ -313,7 +317,7 @@ def main() -> int:
                 )
                 base.host_cpu = (cpu_ms(daemons) - before) / args.logins
                 rows.append(base)
-        cfg = write_config(work, key)
+        cfg = write_config(work, key, run_dir)
         service = start_service(cfg, sock, work / "serve.log")
         cases = [
             ("module, first logins", "tl-burst-module"),
@@ -339,7 +343,8 @@ def main() -> int:
         if service is not None:
             service.terminate()
             service.wait(20)
-        shutil.rmtree(work, ignore_errors=True)
+        for path in cleanup:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -165,11 +165,12 @@ class MintService:
     def _pam(self, user: str, caller: int) -> dict[str, Any]:
         if caller != 0:
             return {"ok": False, "error": "only root may use the pam operation", "code": 5}
-        if lookup(user).uid < self.config.pam.min_uid:
+        info = lookup(user)
+        if info.uid < self.config.pam.min_uid:
             return {"ok": True, "skipped": "uid below pam.min_uid"}
         minter = self.minter  # a reload may swap it; write with the one that minted
         with self._lock:
-            record, minted = minter.mint(user, 0, reuse=True, actor="pam", write_login=False)
+            record, minted = minter.mint(info, 0, reuse=True, actor="pam", write_login=False)
         # The login file is in a directory the user owns: written outside the
         # lock, so one user's file system never holds up another user's login.
         minter.write_login(record)

@@ -361,8 +361,8 @@ class Exploding(Minter):
 
     SECRET = "eyJzZWNyZXQtdG9rZW4"
 
-    def mint(self, user_name: str, *args: Any, **kwargs: Any) -> tuple[TokenRecord, bool]:
-        if user_name == NOBODY:
+    def mint(self, user_name: Any, *args: Any, **kwargs: Any) -> tuple[TokenRecord, bool]:
+        if getattr(user_name, "name", user_name) == NOBODY:  # a name, or the pam path's entry
             raise OverflowError(f"cannot convert float infinity to integer {self.SECRET}")
         return super().mint(user_name, *args, **kwargs)
 
