@@ -12,6 +12,7 @@ import sys
 import time
 
 from client_engine import wrappers
+from client_engine.fallback import due, one_line, pull_now, refresh
 from client_engine.tokens import Refused, Token, delivered_path, freshest
 from tokenlife import engine_settings
 from tokenlife.engine_settings import EXPORT_MODES, JOB_OVERRIDE, EngineSettings
@@ -25,9 +26,13 @@ usage: {PROG} env
        {PROG} watch --file PATH [--timeout S] [--poll S] [--initial] -- HOOK [ARG...]
        {PROG} check [--time-limit T] [--quiet]
        {PROG} install-wrappers [DIR]
+       {PROG} pull [--user USER]
 
 Worker-node side of tokenlife: hands the token delivered to this node
-(<engine.token_dir>/<uid>/slurm_jwt) to jobs, and keeps it fresh.
+(<engine.token_dir>/<uid>/slurm_jwt) to jobs, and keeps it fresh. With
+engine.pull set, env, token, exec, check and run pull the token from the
+token host (munge-authenticated) when that file is missing, invalid or near
+its exp, and keep it there for the user's other tasks.
 
   env     for Slurm's TaskProlog: prints 'export SLURM_JWT_FILE=...', 'export
           SLURM_JWT=...' in the tasks that engine.export_jwt allows (every task
@@ -53,11 +58,16 @@ Worker-node side of tokenlife: hands the token delivered to this node
   install-wrappers
           (as root, on every node) writes the Slurm command wrappers into DIR
           (default: engine.wrapper_dir, {engine_settings.DEFAULT_WRAPPER_DIR})
+  pull    pulls the caller's token into the token directory (engine.pull) unless
+          the one there is valid and outside its advisory window; as root (the
+          Slurm Prolog of pull-only nodes) for --user USER or the job's user
+          (SLURM_JOB_UID), creating the user's directory; exit 1 if no valid
+          token results
 
 Environment: TOKENLIFE_CONFIG (config file, default {engine_settings.DEFAULT_CONFIG}),
 {JOB_OVERRIDE}=always|steps|never (a job's own choice, overrides engine.export_jwt),
 SLURM_JOB_UID/SLURM_JOB_USER (the job's user), SLURM_JWT, SLURM_JWT_FILE.
-Exit status: 0 success, 1 no valid token (token, exec, check), 2 usage or
+Exit status: 0 success, 1 no valid token (token, exec, check, pull), 2 usage or
 configuration error, 3 the token will not last the time limit (check); exec and
 run otherwise end with CMD's status. See docs/engine.md.
 """
@@ -122,10 +132,14 @@ def env_lines(environ: dict[str, str] | os._Environ[str], now: float) -> list[st
     # The delivered file alone decides what is exported: an inherited token,
     # garbage or longer-lived, never hides it.
     keep_inherited = False
+    pull_failed: Refused | None = None
     try:
         uid, user = identity(environ)
         path = delivered_path(settings.token_dir, uid)
         delivered, reasons = freshest([path], None, uid, user, now)
+        if due(delivered, settings, now):  # missing, unusable, or in its mandatory window
+            pull_failed = pull_now(settings, uid, user, delivered)
+            delivered, reasons = freshest([path], None, uid, user, time.time())
         if delivered is None and wanted and inherited:
             keep_inherited = freshest([], inherited, uid, user, now)[0] is not None
     except Refused as exc:
@@ -134,8 +148,14 @@ def env_lines(environ: dict[str, str] | os._Environ[str], now: float) -> list[st
         lines.append(f"export SLURM_JWT_FILE={delivered.source}")
         if wanted:
             lines.append(f"export SLURM_JWT={delivered.value}")
+        if pull_failed:
+            left = max(0, int(delivered.exp - time.time()))
+            lines.append(f"print {PROG}: {one_line(pull_failed)}; this token expires in {left}s")
     else:
-        lines.append(f"print {PROG}: no token for this job: {reasons[0] if reasons else 'none'}")
+        why = reasons[0] if reasons else "none"
+        if pull_failed:
+            why = f"{why}; {pull_failed}"
+        lines.append(f"print {PROG}: no token for this job: {one_line(why)}")
     # Keep the submitter's token only where JWT is wanted, nothing was
     # delivered, and it is still good; an exported token replaces it.
     if inherited is not None and not (wanted and (delivered is not None or keep_inherited)):
@@ -170,14 +190,28 @@ def _env(environ: os._Environ[str]) -> int:
 
 
 def best_token(environ: dict[str, str] | os._Environ[str], now: float) -> Token:
-    """The freshest valid token for the caller, or Refused with the first reason."""
+    """The freshest valid token for the caller, or Refused with the first reason.
+
+    With ``engine.pull`` set, the delivered file is first refreshed by a pull
+    when it is missing, unusable or in its mandatory window; a pull that
+    failed while a valid token remains is one warning line on stderr.
+    """
     settings = load_settings()
     uid, user = identity(environ)
+    pull_failed: Refused | None = None
+    if settings.pull:
+        pull_failed = refresh(settings, uid, user, now)
+        now = time.time()  # a pull takes time: judge the tokens as of now
     paths = [environ["SLURM_JWT_FILE"]] if environ.get("SLURM_JWT_FILE") else []
     paths.append(delivered_path(settings.token_dir, uid))
     best, reasons = freshest(paths, environ.get("SLURM_JWT"), uid, user, now)
     if best is None:
-        raise Refused(reasons[0] if reasons else "no token")
+        why = reasons[0] if reasons else "no token"
+        raise Refused(one_line(f"{why}; {pull_failed}" if pull_failed else why))
+    if pull_failed:
+        left = max(0, int(best.exp - now))
+        warning = f"warning: {one_line(pull_failed)}; using a token that expires in {left}s"
+        print(f"{PROG}: {warning}", file=sys.stderr)
     return best
 
 
@@ -251,6 +285,72 @@ def _install_wrappers(args: list[str]) -> int:
     return 0
 
 
+def _pull(environ: os._Environ[str], args: list[str]) -> int:
+    """``pull [--user USER]``: the user's token into the token directory, now.
+
+    Root (the Slurm Prolog of a pull-only node) names the user with --user
+    or SLURM_JOB_UID/SLURM_JOB_USER; the user's directory is then created
+    (0700, theirs) and the pull runs as the user, whom munge must vouch for.
+    Pulls when the delivered file is missing, unusable or in its advisory
+    window; exit 0 when a valid token is in place afterwards.
+    """
+    from client_engine.check import span
+    from client_engine.fallback import delivered
+
+    name = _user_option(args)
+    settings = load_settings()
+    if not settings.pull:
+        raise BadConfig("engine.pull is not set: there is no pull service to ask")
+    if name is not None:
+        uid, user = _named(name)
+        if os.getuid() not in (0, uid):
+            raise Refused(f"only root may pull for another user ({user})")
+    elif os.getuid() == 0 and not environ.get("SLURM_JOB_UID"):
+        raise UsageError("pull: as root, name the user: --user USER (or set SLURM_JOB_UID)")
+    else:
+        uid, user = identity(environ)
+    now = time.time()
+    current = delivered(settings, uid, user, now)
+    failed = None
+    if due(current, settings, now, advisory=True):
+        failed = pull_now(settings, uid, user, current, advisory=True)
+    now = time.time()
+    token = delivered(settings, uid, user, now)
+    path = delivered_path(settings.token_dir, uid)
+    if token is None:
+        raise Refused(one_line(failed) if failed else f"{path}: no valid token after the pull")
+    if failed is not None:
+        left = int(token.exp - now)
+        warning = f"warning: {one_line(failed)}; keeping {path}, valid for {left}s"
+        print(f"{PROG}: {warning}", file=sys.stderr)
+    print(f"{PROG}: {path}: token for {user}, valid for {span(token.exp - now)}")
+    return 0
+
+
+def _user_option(args: list[str]) -> str | None:
+    rest = list(args)
+    name = None
+    while rest:
+        flag, eq, value = rest.pop(0).partition("=")
+        if flag != "--user" or name is not None:
+            raise UsageError(f"pull: unexpected {flag[:40]!r}; usage: {PROG} pull [--user USER]")
+        if not eq:
+            if not rest:
+                raise UsageError("pull: --user needs a USER")
+            value = rest.pop(0)
+        name = value
+    return name
+
+
+def _named(name: str) -> tuple[int, str]:
+    import pwd
+
+    try:
+        return pwd.getpwnam(name).pw_uid, name
+    except (KeyError, ValueError):
+        raise Refused(f"no user {name[:40]!r} in the user database") from None
+
+
 def _run(environ: os._Environ[str], args: list[str]) -> int:
     from client_engine.hooks import parse_seconds
     from client_engine.supervisor import HOOK_TIMEOUT, supervise
@@ -309,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             return _check(environ, args)
         if command == "install-wrappers":
             return _install_wrappers(args)
+        if command == "pull":
+            return _pull(environ, args)
         raise UsageError(f"unknown command line: {' '.join(argv) or '(none)'}; see --help")
     except (UsageError, BadConfig) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

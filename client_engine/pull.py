@@ -16,8 +16,11 @@ is wanted: the engine stays light on every task's path.
   user's directory, which holds the time and outcome of the last pull)
   makes a thousand tasks of one user on one node cost one pull: the others
   wait for it and read the fresh file, and for ``min_interval`` seconds after
-  a pull nobody asks again.  Run as root for another uid (a Prolog), it
+  a failed pull nobody asks again (after one that worked: a tenth of the
+  token's lifetime at most, see ``_pause``).  Run as root for another uid (a Prolog), it
   creates the user's directory and pulls as the user in a child process.
+  :func:`fetch_into` is the same, and also says why a pull failed when a
+  still-valid token was kept (client_engine.fallback tells the task).
 
 libmunge is called through ctypes (the munge command would cost a fork and
 an exec); this is a small copy of producer/munge.py, which the engine may not
@@ -347,6 +350,27 @@ def pull_into(
     afterwards (a pull that fails leaves a still-valid file in place and
     returns it); Refused or PullError if there is no valid token.
     """
+    return fetch_into(
+        token_dir, uid, user, address, socket_path, timeout,
+        min_remaining=min_remaining, min_interval=min_interval, server_uid=server_uid,
+    )[0]  # fmt: skip
+
+
+def fetch_into(
+    token_dir: str,
+    uid: int,
+    user: str,
+    address: str,
+    socket_path: str | None = None,
+    timeout: float = 10.0,
+    *,
+    min_remaining: float = 0.0,
+    min_interval: float = 30.0,
+    server_uid: int | None = None,
+) -> tuple[Token, PullError | None]:
+    """:func:`pull_into`, also saying why the pull failed when a still-valid
+    token was kept (the engine tells the task); None when no pull was due or
+    it worked (which may have brought no newer token)."""
     if os.geteuid() == 0 and uid != 0:
         return _pull_as_user(
             token_dir, uid, user, address, socket_path, timeout,
@@ -358,7 +382,7 @@ def pull_into(
     _check_dir(directory, uid)
     before = _usable(path, uid, user)
     if before is not None and before.exp - time.time() > min_remaining:
-        return before
+        return before, None
     fd = _open_lock(directory)
     try:
         _lock(fd, deadline, directory)
@@ -367,29 +391,51 @@ def pull_into(
         if current is not None and (
             current.exp - now > min_remaining or before is None or current.iat > before.iat
         ):
-            return current  # fresh enough, or just brought by another pull (or push)
+            return current, None  # fresh enough, or just brought by another pull (or push)
         last_at, last_result = _read_stamp(fd)
-        if last_at is not None and -5.0 < now - last_at < min_interval:
+        pause = _pause(min_interval, last_result, current)
+        # a stamp a little ahead (a clock stepped back, its rounding) still counts
+        if pause > 0 and last_at is not None and -5.0 < now - last_at < pause:
+            ago, wait = int(now - last_at), int(pause - (now - last_at)) + 1
+            said = f"the pull {ago}s ago said {last_result}; next try in {wait}s"
             if current is not None:
-                return current
-            raise PullError(
-                last_result or "error",
-                f"no token: the pull {int(now - last_at)}s ago said {last_result}; "
-                f"next try in {int(min_interval - (now - last_at)) + 1}s",
-            )
+                kept = None if last_result == "ok" else PullError(last_result or "error", said)
+                return current, kept
+            raise PullError(last_result or "error", f"no token: {said}")
         left = max(0.1, deadline - time.monotonic())
         try:
             text = pull(address, socket_path, left, server_uid=server_uid)
         except PullError as exc:
             _write_stamp(fd, now, exc.result)
             if current is not None:
-                return current
+                return current, exc
             raise
         _write_stamp(fd, now, "ok")
         token = check(parse(text, path), user, time.time())
-        return _install(path, text, token, uid, user)
+        return _install(path, text, token, uid, user), None
     finally:
         os.close(fd)
+
+
+#: after a pull that worked, the next waits this share of the token's lifetime at most
+OK_PAUSE_SHARE = 0.1
+
+
+def _pause(min_interval: float, last_result: str, current: Token | None) -> float:
+    """How long after the last pull nobody asks again.
+
+    A failure holds for ``min_interval``: asking sooner would not change the
+    answer, and a thousand tasks must not ask a thousand times.  After a pull
+    that worked, asking again soon only brings the same token, unless that
+    token is short-lived: then the pause is a tenth of its lifetime (a
+    10-second token must not wait 30 s for its successor), and none once it
+    has expired (the token host may have renewed it since).
+    """
+    if last_result != "ok":
+        return min_interval
+    if current is None:
+        return 0.0
+    return min(min_interval, OK_PAUSE_SHARE * max(0, current.exp - current.iat))
 
 
 def _install(path: str, text: str, token: Token, uid: int, user: str) -> Token:
@@ -484,12 +530,13 @@ def _pull_as_user(
     min_remaining: float,
     min_interval: float,
     server_uid: int | None,
-) -> Token:
+) -> tuple[Token, PullError | None]:
     """Root (a Prolog) pulling for a job's user: munge must vouch for the user,
     so the pull runs in a child with the user's identity."""
     import pwd
     from pathlib import Path
 
+    from tokenlife.errors import TokenlifeError
     from tokenlife.fsutil import ensure_dir, ensure_private_dir
 
     try:
@@ -498,8 +545,13 @@ def _pull_as_user(
         raise Refused(f"uid {uid} is not in the user database") from None
     if pw.pw_name != user:
         raise Refused(f"uid {uid} is {pw.pw_name}, not {user}")
-    ensure_dir(Path(token_dir), 0o755)
-    ensure_private_dir(Path(user_dir(token_dir, uid)), uid, pw.pw_gid)
+    try:
+        ensure_dir(Path(token_dir), 0o755)
+        ensure_private_dir(Path(user_dir(token_dir, uid)), uid, pw.pw_gid)
+    except TokenlifeError as exc:
+        raise Refused(str(exc)) from None
+    except OSError as exc:
+        raise Refused(f"{user_dir(token_dir, uid)}: {exc.strerror or exc}") from None
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: become the user, pull, say how it went
@@ -510,12 +562,14 @@ def _pull_as_user(
             os.setgid(pw.pw_gid)
             os.setuid(uid)
             try:
-                pull_into(
+                _, kept = fetch_into(
                     token_dir, uid, user, address, socket_path, timeout,
                     min_remaining=min_remaining, min_interval=min_interval,
                     server_uid=server_uid,
                 )  # fmt: skip
                 status = 0
+                if kept is not None:  # a still-valid token, and why no newer one came
+                    os.write(write_end, f"{kept.result}\n{kept}".encode(errors="replace")[:1024])
             except PullError as exc:
                 os.write(write_end, f"{exc.result}\n{exc}".encode(errors="replace")[:1024])
             except Refused as exc:
@@ -533,10 +587,10 @@ def _pull_as_user(
     finally:
         os.close(read_end)
     _, status = os.waitpid(pid, 0)
+    result, _, message = said.decode(errors="replace").partition("\n")
     token = _usable(delivered_path(token_dir, uid), uid, user)
     if token is not None:
-        return token
-    result, _, message = said.decode(errors="replace").partition("\n")
+        return token, PullError(result, message) if result else None
     if os.waitstatus_to_exitcode(status) == 0 or not result:
         raise Refused(f"{delivered_path(token_dir, uid)}: no valid token after the pull")
     if result == "refused":

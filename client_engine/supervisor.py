@@ -1,7 +1,8 @@
 """``tokenlife-engine run -- COMMAND``: keep a long job step's token fresh (krenew-style).
 
-One process, no threads, standard library only; it sleeps in ``poll()`` on
-two descriptors and a timeout computed from the token's expiry:
+One process, standard library only, and no threads but a short-lived one
+for each pull (below); it sleeps in ``poll()`` on two descriptors and a
+timeout computed from the token's expiry:
 
 * signals: a signalfd (ctypes) for HUP/INT/TERM/QUIT/USR1/USR2 and CHLD, so
   the sender is known; where signalfd is missing, a ``set_wakeup_fd`` pipe;
@@ -22,6 +23,12 @@ also polled every second; mandatory (min(engine.mandatory_window, 20%)): one
 warning per token.  At ``exp`` (Slurm still accepts exp == now, not later)
 the copy is removed unless a newer token is there: readers get "no token"
 rather than an expired one, within milliseconds.
+
+With ``engine.pull`` (client_engine.fallback), a delivered file that is
+missing, unusable or in the advisory window is pulled: at once before the
+command starts, later in a thread (at most one at a time, one attempt per
+PULL_RETRY) so that a slow token host never holds up signals; the pulled
+token lands in the delivered file, where the watch sees it.
 
 The command.  It runs in the supervisor's process group (the terminal and
 Slurm see one job; SIGWINCH, SIGTSTP and the terminal reach it as usual),
@@ -49,10 +56,12 @@ import select
 import signal
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 from types import FrameType
 
+from client_engine.fallback import due, one_line, pull_now, windows
 from client_engine.hooks import HookRunner
 from client_engine.tokens import (
     JOB_COPY_PREFIX,
@@ -91,8 +100,12 @@ FALLBACK_POLL = 2.0
 ADVISORY_POLL = 1.0
 #: wake this long after exp: Token.valid_at is then False
 EXPIRY_SLACK = 0.002
-ADVISORY_SHARE = 0.5
-MANDATORY_SHARE = 0.2
+#: with engine.pull: at most one pull attempt this often (each one is bounded
+#: by engine.pull_timeout; client_engine.pull spaces the real requests further)
+PULL_RETRY = 5.0
+#: ... or a tenth of the token's lifetime if that is shorter, but no more often
+#: than this: a 10-second token's whole advisory window is 5 s
+PULL_RETRY_SHARE, PULL_RETRY_MIN = 0.1, 0.5
 
 PR_SET_PDEATHSIG = 1
 SI_KERNEL = 0x80
@@ -107,16 +120,6 @@ def say(message: str) -> None:
     """One line on stderr; a closed stderr must not stop the supervisor."""
     with contextlib.suppress(OSError):
         os.write(2, f"{PROG}: {message}\n".encode(errors="replace"))
-
-
-def windows(token: Token, settings: EngineSettings) -> tuple[float, float]:
-    """When the advisory and the mandatory windows start, for this token."""
-    advisory, mandatory = float(settings.advisory_window), float(settings.mandatory_window)
-    if 0 < token.iat < token.exp:
-        lifetime = token.exp - token.iat
-        advisory = min(advisory, ADVISORY_SHARE * lifetime)
-        mandatory = min(mandatory, MANDATORY_SHARE * lifetime)
-    return token.exp - advisory, token.exp - mandatory
 
 
 def choose(current: Token | None, candidate: Token | None, now: float) -> Token | None:
@@ -263,6 +266,13 @@ class Supervisor:
         #: the renew-until announced as the end of the chain (said once per chain)
         self.chain_end: int | None = None
         self.watch: DeliveryWatch | None = None
+        #: engine.pull: the pull in flight (a thread, once COMMAND runs), when
+        #: the next may start, and what the last failed one said (by the thread)
+        self.pulling: threading.Thread | None = None
+        self.next_pull = 0.0
+        self.pull_failed: Refused | None = None
+        #: how the last reported pull failure ended: each kind is said once
+        self.pull_said: str | None = None
 
     # -- the token ---------------------------------------------------------------
 
@@ -383,9 +393,43 @@ class Supervisor:
             expiring = self.current is not None and not self.current.valid_at(now)
             if changed or expiring or now >= self.last_check + self.interval(now):
                 self.check(now)
+            if self.settings.pull:
+                self.pull_if_due(now)
             self.maintain(now)
         except Exception as exc:  # a bug here must not take the job down
             self._report(f"internal error ({type(exc).__name__}); carrying on")
+
+    # -- the pull fallback (engine.pull) ---------------------------------------------
+
+    def pull_if_due(self, now: float) -> None:
+        """Pull when the delivered file is missing, unusable or in its advisory
+        window (no push has refreshed it): before COMMAND starts, at once (it
+        should start with a token); later in a thread, so signals and the copy
+        are never held up by a slow token host."""
+        idle = self.pulling is None or not self.pulling.is_alive()
+        if idle and now >= self.next_pull and due(self.delivered, self.settings, now, True):
+            self.next_pull = now + pull_retry(self.delivered)
+            if self.started:
+                self.pulling = threading.Thread(
+                    target=self._pull, args=(self.delivered,), name="pull", daemon=True
+                )
+                self.pulling.start()
+            else:
+                self._pull(self.delivered)
+                self.check(time.time())
+        failed, self.pull_failed = self.pull_failed, None
+        kind = None if failed is None else getattr(failed, "result", None) or str(failed)
+        if failed is not None and kind != self.pull_said:
+            self.pull_said = kind  # a failing host is said once, not at every attempt
+            self._report(f"no newer token pulled: {one_line(failed)}")
+
+    def _pull(self, current: Token | None) -> None:
+        failed = pull_now(self.settings, self.uid, self.user, current, advisory=True)
+        if failed is None:
+            self.pull_said = None
+        else:
+            self.pull_failed = failed
+        # The new file (if any) wakes the loop through inotify, or the next poll.
 
     # -- the command -------------------------------------------------------------
 
@@ -416,6 +460,8 @@ class Supervisor:
             self.started = True
             return self._supervise(child, signals)
         finally:
+            if self.pulling is not None:
+                self.pulling.join(1.0)  # do not cut a write short, nor wait long for a host
             if self.hooks is not None:
                 self.hooks.close()
             self._remove_copy()
@@ -493,3 +539,10 @@ def supervise(
     if portable is None:
         portable = os.environ.get(POLL_ENV, "") not in ("", "0")
     return Supervisor(command, settings, uid, user, portable, on_change, hook_timeout).run()
+
+
+def pull_retry(token: Token | None) -> float:
+    """Seconds until the next pull attempt of ``run`` (PULL_RETRY, shorter for short tokens)."""
+    if token is None or token.exp <= token.iat:
+        return PULL_RETRY
+    return max(PULL_RETRY_MIN, min(PULL_RETRY, PULL_RETRY_SHARE * (token.exp - token.iat)))

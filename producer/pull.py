@@ -81,6 +81,8 @@ RESULTS = (
     "timeout",
 )
 POLICIES = ("own", "jobs")
+#: where libmunge looks for munged when no socket is given (munge's --socket default)
+DEFAULT_MUNGE_SOCKET = "/run/munge/munge.socket.2"
 #: a Slurm JWT is well under a kilobyte; tokenlife's engine refuses more than this
 MAX_TOKEN = 16384
 _NONCE_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
@@ -816,6 +818,7 @@ def counts_line(counts: dict[str, int]) -> str:
 
 
 __all__ = [
+    "DEFAULT_MUNGE_SOCKET",
     "MESSAGES",
     "POLICIES",
     "RESULTS",

@@ -6,7 +6,7 @@ keys are errors, so a typo never silently falls back to a default; a plugin
 backend's own table (``[key.<source>]``, ``[delivery.<name>]``) is handed to
 the plugin to check.  Value converters are in tokenlife.config_values.  Only
 the standard library is imported: the PAM login path loads this module.
-(About 450 lines: one dataclass and one parse step per section, and the
+(About 520 lines: one dataclass and one parse step per section, and the
 ``[[service]]`` entries.)
 """
 
@@ -29,9 +29,11 @@ from tokenlife.config_values import (
     boolean,
     choice,
     duration,
+    duration_at_most,
     file_mode,
     fraction,
     group_name,
+    host_port,
     hosts,
     http_url,
     integer,
@@ -39,6 +41,8 @@ from tokenlife.config_values import (
     listen,
     node_file,
     nonempty,
+    optional_path,
+    seconds,
     store_url,
     username,
     usernames,
@@ -152,6 +156,35 @@ class ServeConfig:
     deliver: bool = True
 
 
+#: the pull service's access policies (producer.pull.POLICIES has the same)
+PULL_POLICIES = ("own", "jobs")
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    """``[pull]``: the pull service of ``tokenlife serve`` (docs/pull.md).
+
+    The limits are producer.pull.PullLimits' (same names, same defaults).
+    """
+
+    #: HOST:PORT to listen on; "": no pull service
+    listen: str = ""
+    #: "own": a user's own token from any munge host; "jobs": only where the user works
+    policy: str = "own"
+    #: jobs: hosts that may pull without work there (login nodes)
+    login_hosts: tuple[str, ...] = ()
+    #: this host's munged socket; "": libmunge's default
+    munge_socket: str = ""
+    max_request: int = 4096
+    read_timeout: float = 5.0
+    request_timeout: float = 8.0
+    write_timeout: float = 5.0
+    max_connections: int = 256
+    max_per_peer: int = 16
+    workers: int = 8
+    reply_ttl: int = 60
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """A ``[[service]]`` entry: a service account whose token tokenlife keeps current
@@ -191,6 +224,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     #: the ``[[service]]`` entries, in file order
     services: tuple[ServiceConfig, ...] = ()
+    pull: PullConfig = field(default_factory=PullConfig)
 
 
 # --- the loader -------------------------------------------------------------
@@ -340,6 +374,7 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
     t.done()
     if delivery.transport == "local" and delivery.root is None:
         raise ConfigError(f"{source}: delivery.root: required when delivery.transport is 'local'")
+    pull = _pull(top.sub("pull"))
 
     try:  # the engine reads this table alone, on worker nodes: one parser for both
         engine = engine_settings.parse(top.data.pop("engine", {}))
@@ -355,7 +390,41 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
     t.done()
     services = _services(top, token, producer)
     top.done()
-    return Config(path, key, token, producer, pam, store, login, delivery, engine, serve, services)
+    if services and delivery.transport == "none":
+        raise ConfigError(
+            f"{source}: service[1].hosts: delivery.transport is 'none', so nothing would "
+            "write the service accounts' token files; choose a transport for them"
+        )
+    return Config(
+        path, key, token, producer, pam, store, login, delivery, engine, serve, services, pull
+    )
+
+
+def _pull(t: _Table) -> PullConfig:
+    """``[pull]``: the service's address, policy and limits (checked against each other)."""
+    d = PullConfig()
+    pull = PullConfig(
+        listen=t.take("listen", host_port, d.listen),
+        policy=t.take("policy", choice(*PULL_POLICIES), d.policy),
+        login_hosts=t.take("login_hosts", hosts, d.login_hosts),
+        munge_socket=t.take("munge_socket", optional_path, d.munge_socket),
+        max_request=t.take("max_request", integer(128, 65536), d.max_request),
+        read_timeout=t.take("read_timeout", seconds(300), d.read_timeout),
+        request_timeout=t.take("request_timeout", seconds(300), d.request_timeout),
+        write_timeout=t.take("write_timeout", seconds(300), d.write_timeout),
+        max_connections=t.take("max_connections", integer(1, 65536), d.max_connections),
+        max_per_peer=t.take("max_per_peer", integer(1, 65536), d.max_per_peer),
+        workers=t.take("workers", integer(1, 256), d.workers),
+        reply_ttl=t.take("reply_ttl", duration_at_most(3600), d.reply_ttl),
+    )
+    t.done()
+    if pull.request_timeout < pull.read_timeout:
+        raise ConfigError(
+            f"{t.source}: pull.request_timeout: must not be shorter than pull.read_timeout"
+        )
+    if pull.max_per_peer > pull.max_connections:
+        raise ConfigError(f"{t.source}: pull.max_per_peer: must not exceed pull.max_connections")
+    return pull
 
 
 def _services(

@@ -76,6 +76,16 @@ def duration(value: Any) -> int:
     return parse_duration(value)
 
 
+def duration_at_most(high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        seconds = duration(value)
+        if seconds > high:
+            raise ValueError(f"expected at most {high} seconds")
+        return seconds
+
+    return convert
+
+
 def fraction(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
         raise ValueError("expected a number between 0 and 1 (exclusive)")
@@ -204,6 +214,47 @@ def backends(group: str) -> Callable[[Any], tuple[str, ...]]:
         return tuple(dict.fromkeys(one(v) for v in value))
 
     return convert
+
+
+def optional_path(value: Any) -> str:
+    """An absolute path, or "" for "the default" (kept as a string)."""
+    if value == "":
+        return ""
+    return str(abspath(value))
+
+
+def seconds(high: float) -> Callable[[Any], float]:
+    """A positive time in seconds, up to ``high``: a number (``0.5``) or a duration (``"5s"``)."""
+
+    def convert(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError("expected seconds (a number such as 5 or 0.5) or a duration")
+        number = float(parse_duration(value)) if isinstance(value, str) else float(value)
+        if not 0 < number <= high:
+            raise ValueError(f"expected more than 0 and at most {high:g} seconds")
+        return number
+
+    return convert
+
+
+def host_port(value: Any) -> str:
+    """``HOST:PORT`` to listen on (an address, ``[V6]``, or a name), or "" (off)."""
+    if value == "":
+        return ""
+    text = nonempty(value)
+    host, sep, port = text.rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ok = bool(sep) and port.isascii() and port.isdigit() and 0 < int(port) < 65536
+        if bare != host:
+            ok = ok and ipaddress.ip_address(bare).version == 6
+        else:
+            ok = ok and bool(NODE_NAME.fullmatch(host))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError('expected HOST:PORT such as "0.0.0.0:6821" or "[::]:6821", or ""')
+    return text
 
 
 def listen(value: Any) -> str:

@@ -31,6 +31,10 @@ class EngineSettings:
         "advisory_window",
         "export_jwt",
         "mandatory_window",
+        "munge_socket",
+        "pull",
+        "pull_server_user",
+        "pull_timeout",
         "slurm_bin_dir",
         "token_dir",
         "wrapper_dir",
@@ -44,6 +48,10 @@ class EngineSettings:
         mandatory_window: int = 600,
         wrapper_dir: str = DEFAULT_WRAPPER_DIR,
         slurm_bin_dir: str = "",
+        pull: str = "",
+        pull_timeout: float = 5.0,
+        pull_server_user: str = "tokenlife",
+        munge_socket: str = "",
     ) -> None:
         self.token_dir = token_dir
         self.export_jwt = export_jwt
@@ -55,6 +63,15 @@ class EngineSettings:
         self.advisory_window = advisory_window
         #: this close to exp, warn loudly: renewal or delivery is failing
         self.mandatory_window = mandatory_window
+        #: the pull service(s), HOST:PORT[,HOST:PORT...] ("" = never pull)
+        self.pull = pull
+        #: seconds a pull may take (and make a task wait), retries included
+        self.pull_timeout = pull_timeout
+        #: the account the pull service runs as: requests are sealed for it and
+        #: replies made by anyone else refused ("" = do not check)
+        self.pull_server_user = pull_server_user
+        #: this node's munged socket ("" = libmunge's default)
+        self.munge_socket = munge_socket
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, EngineSettings) and all(
@@ -99,6 +116,71 @@ def _duration(value: object) -> int:
     return parse_duration(value)
 
 
+#: a pull may hold up a task (the TaskProlog waits for it): keep it short
+MAX_PULL_TIMEOUT = 60.0
+
+
+def _pull_addresses(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError('expected HOST:PORT[,HOST:PORT...] or ""')
+    if value.strip() == "":
+        return ""
+    entries = [entry.strip() for entry in value.split(",")]
+    for entry in entries:
+        if not entry:
+            raise ValueError("an empty address in the list")
+        _host_port(entry)
+    return ",".join(entries)
+
+
+def _host_port(entry: str) -> None:
+    """HOST:PORT or [V6]:PORT, as client_engine.pull.parse_address reads it."""
+    shown = repr(entry[:80])
+    host, sep, port = entry.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{shown}: write an IPv6 address as [ADDRESS]:PORT")
+    if not sep or not host or not (port.isascii() and port.isdigit()):
+        raise ValueError(f"{shown} is not HOST:PORT")
+    if not 0 < int(port) <= 65535:
+        raise ValueError(f"{shown}: port out of range")
+    if not (host.isascii() and host.isprintable()) or " " in host:
+        raise ValueError(f"{shown}: not a host name or address")
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected a number of seconds")
+    if not 0 < value <= MAX_PULL_TIMEOUT:
+        raise ValueError(f"expected more than 0 and at most {MAX_PULL_TIMEOUT:g} seconds")
+    return float(value)
+
+
+def _account(value: object) -> str:
+    """A user name (POSIX portable, as useradd takes it), a uid, or "" (no check)."""
+    if not isinstance(value, str):
+        raise ValueError('expected a user name, a uid, or ""')
+    if value == "":
+        return value
+    if value.isascii() and value.isdigit():
+        if len(value) > 10 or int(value) > MAX_UID:
+            raise ValueError(f"{value[:12]!r} is not a uid")
+        return value
+    if not set(value) <= _NAME_CHARS or value[0] == "-" or len(value) > 32:
+        raise ValueError(f"{value[:40]!r} is not a user name")
+    return value
+
+
+#: (uid_t)-1 means "no uid" to the kernel
+MAX_UID = 0xFFFFFFFE
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _optional_abspath(value: object) -> str:
+    return "" if value == "" else _abspath(value)
+
+
 _CONVERT = {
     "token_dir": _abspath,
     "export_jwt": _mode,
@@ -106,6 +188,10 @@ _CONVERT = {
     "mandatory_window": _duration,
     "wrapper_dir": _optional_path,
     "slurm_bin_dir": _optional_path,
+    "pull": _pull_addresses,
+    "pull_timeout": _seconds,
+    "pull_server_user": _account,
+    "munge_socket": _optional_abspath,
 }
 KEYS = tuple(_CONVERT)
 

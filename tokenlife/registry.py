@@ -38,6 +38,7 @@ BUILTIN: dict[str, dict[str, str]] = {
     "tokenlife.transports": {
         "ssh": "transfer.transports:SshTransport",
         "local": "transfer.transports:LocalTransport.from_config",
+        "none": "transfer.transports:NoTransport",
     },
     "tokenlife.job_sources": {
         "slurm": "transfer.jobs:SlurmJobs.from_config",

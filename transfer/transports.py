@@ -66,6 +66,33 @@ class LocalTransport:
         pass
 
 
+#: why a transport of "none" does nothing (one line, for push and the log)
+PUSH_OFF = "delivery.transport is 'none': push is off (nodes pull their tokens, docs/pull.md)"
+
+
+class NoTransport:
+    """``delivery.transport = "none"``: a pull-only site writes nothing to nodes.
+
+    Nothing builds a delivery cycle on it (Site.cycle refuses); should
+    anything call it anyway, each call fails in one line, writing nothing.
+    """
+
+    def __init__(self, config: DeliveryConfig) -> None:
+        del config  # nothing to set up: there are no connections
+
+    def put(self, node: str, tf: TokenFile) -> str:
+        raise TransportError(f"{node}: {PUSH_OFF}")
+
+    def remove(self, node: str, uid: int) -> bool:
+        raise TransportError(f"{node}: {PUSH_OFF}")
+
+    def put_file(self, node: str, sf: ServiceFile, read: Callable[[str], TokenView]) -> str:
+        raise TransportError(f"{node}: {PUSH_OFF}")
+
+    def close(self) -> None:
+        pass
+
+
 class SshTransport:
     def __init__(self, config: DeliveryConfig) -> None:
         from transfer.ssh import SshPool

@@ -19,12 +19,19 @@ Slurm wrappers first in PATH). Two things run side by side in it:
 Beside it, a second user's job under ``tokenlife-engine run`` gets no new
 login: its stderr says that the token cannot be renewed any more before the
 chain's renew-until comes (and the token expires).
+
+On 22.05 the node also pulls (``[engine] pull``, munge-authenticated, from
+the same ``tokenlife serve``), and the push is cut for 3.5 token lifetimes in
+the middle of the job (node01's sshd is stopped; its files and slurmd stay):
+every call above must still succeed, carried by pulls alone, and after the
+push is back, push and pull agree on the newest token.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -35,9 +42,10 @@ from pathlib import Path
 
 import pytest
 
+from repository.store import SqlTokenStore
 from tests.conftest import require_tool, run_cli, run_engine, tokenlife_bin
 from tests.integration.conftest import SLURM_TOOLS, SlurmTarget, write_hs_key, write_task_prolog
-from tests.integration.harness.slurm import SlurmCluster
+from tests.integration.harness.slurm import SlurmCluster, free_port
 from tests.integration.harness.sshnodes import SshNodes
 
 pytestmark = pytest.mark.slurm
@@ -47,6 +55,7 @@ RENEWABLE = 40  # each chain's renew-until, from its first token
 LOGIN_EVERY = 25  # seconds between the first user's logins: each starts a chain
 JOB_SECONDS = 100  # 10 lifetimes, over several chains
 CHAIN_END_JOB = RENEWABLE + 15  # the second user's job: past its only chain's end
+CUT_FROM, CUT_SECONDS = 20, 35  # 22.05: no push from 20 s into the job, for 3.5 lifetimes
 
 
 @dataclass
@@ -54,6 +63,7 @@ class Site:
     cluster: SlurmCluster
     work: Path
     config: Path
+    nodes: SshNodes | None = None  # 22.05: the sshd node (push can be cut), and pull is on
 
 
 # Samples $SLURM_JWT_FILE (the per-job copy) every 0.2 s; reports the longest
@@ -145,6 +155,7 @@ def site(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[Sit
             # The node's engine: the defaults, with the wrappers installed here.
             engine = f'[engine]\nwrapper_dir = "{work}/wrappers"\n'
             prolog = work / "taskprolog.sh"
+            nodes: SshNodes | None = None
             if slurm_target.system_root is None:
                 nodes = stack.enter_context(SshNodes(work / "ssh", 1))
                 enter = ["nsenter", f"--target={nodes[NODE].pid}", "--mount", "--"]
@@ -163,6 +174,16 @@ def site(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[Sit
                     f'known_hosts = "{nodes.known_hosts}"\n'
                     f'ssh_config = "{nodes.ssh_config}"\n'
                     f"port = {nodes.port}\n"
+                )
+                # Pull beside push: the cluster's munged vouches for the job's user.
+                pull = f"127.0.0.1:{free_port()}"
+                config_text += (
+                    f'[pull]\nlisten = "{pull}"\npolicy = "own"\n'
+                    f'munge_socket = "{cluster.munge_socket}"\n'
+                )
+                engine += (
+                    f'pull = "{pull}"\npull_timeout = 5\npull_server_user = "root"\n'
+                    f'munge_socket = "{cluster.munge_socket}"\n'
                 )
             else:
                 cluster = SlurmCluster(
@@ -187,7 +208,7 @@ def site(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[Sit
             write_task_prolog(prolog, cluster.engine, engine_config)
             stack.enter_context(cluster)
             slurm_target.check(cluster)
-            yield Site(cluster, work, config)
+            yield Site(cluster, work, config, nodes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -249,6 +270,8 @@ def test_long_job_keeps_a_valid_token_for_its_whole_life(
         )
         bob_job = submit(site, bob, "bob", f"exec tokenlife-engine run -- sleep {CHAIN_END_JOB}\n")
         logins = 1
+        started = time.monotonic()
+        cut = "before" if site.nodes is not None else "never"
         deadline = time.monotonic() + JOB_SECONDS + 60
         while site.cluster.root_run(["squeue", "-h", "-j", job], check=False).stdout.strip():
             assert time.monotonic() < deadline, f"job did not end\n{site.cluster.logs()}"
@@ -256,7 +279,15 @@ def test_long_job_keeps_a_valid_token_for_its_whole_life(
             if time.monotonic() - first_login >= logins * LOGIN_EVERY:
                 login(site, alice)
                 logins += 1
+            into_job = time.monotonic() - started
+            if site.nodes is not None and cut == "before" and into_job >= CUT_FROM:
+                site.nodes.cut_sshd(NODE)  # no push: ssh refused; files, slurmd and the job stay
+                cut = "during"
+            elif site.nodes is not None and cut == "during" and into_job >= CUT_FROM + CUT_SECONDS:
+                site.nodes.start_node(NODE)
+                cut = "after"
             time.sleep(1)
+        assert cut in ("never", "after"), f"the job ended before the push was back ({cut})"
         while site.cluster.root_run(["squeue", "-h", "-j", bob_job], check=False).stdout.strip():
             assert time.monotonic() < deadline, f"job did not end\n{site.cluster.logs()}"
             time.sleep(1)
@@ -297,3 +328,31 @@ def test_long_job_keeps_a_valid_token_for_its_whole_life(
     assert len(warned) == 1 and len(expired) == 1, said
     assert warned[0] < expired[0], said
     assert "log in again" in said[warned[0]]
+    if site.nodes is not None:
+        pulls_carried_the_cut(site, alice, serve_log)
+
+
+def pulls_carried_the_cut(site: Site, alice: str, serve_log: str) -> None:
+    """The push was really cut, pulls filled in, and once the push is back
+    the node holds the store's newest token whoever wrote it last."""
+    assert f"delivery to {NODE} failed" in serve_log, serve_log[-3000:]
+    status = json.loads(run_cli("-c", str(site.config), "status", "--json").stdout)
+    # Each lifetime of the cut needs a token no push brought.
+    assert status["pulls_24h"]["ok"] >= CUT_SECONDS // LIFETIME, status["pulls_24h"]
+    # and nothing refused or failed (bob's job asks in vain once his chain has ended)
+    others = {k: n for k, n in status["pulls_24h"].items() if n and k not in ("ok", "no_token")}
+    assert others == {}, status["pulls_24h"]
+    # The node is back: a push (no waiting out its backoff) brings what the store holds.
+    renewed = run_cli("-c", str(site.config), "renew", "--now")
+    assert renewed.returncode == 0, renewed.stderr
+    pushed = run_cli("-c", str(site.config), "push", "--node", NODE)
+    assert pushed.returncode == 0, pushed.stderr
+    store = SqlTokenStore(f"sqlite:///{site.work}/db.sqlite")
+    try:
+        current = store.current(alice)
+    finally:
+        store.engine.dispose()
+    assert current is not None
+    assert site.nodes is not None
+    on_node = site.nodes[NODE].read_text(f"/run/tokenlife/{pwd.getpwnam(alice).pw_uid}/slurm_jwt")
+    assert on_node.strip() == current.token

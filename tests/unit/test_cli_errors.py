@@ -104,7 +104,10 @@ CONFIG_CASES: list[tuple[str, str]] = [
     ("[engine]\ntoken_dir = 'run/x'\n", "engine.token_dir: expected an absolute path"),
     ("[engine]\ntoken_dir = '/run/../etc'\n", "engine.token_dir: '..' is not allowed in paths"),
     ("[pam]\nmin_uid = -1\n", "pam.min_uid: expected an integer from 0 to 2147483648"),
-    ("[delivery]\ntransport = 'ftp'\n", "delivery.transport: expected one of 'ssh', 'local'"),
+    (
+        "[delivery]\ntransport = 'ftp'\n",
+        "delivery.transport: expected one of 'ssh', 'local', 'none'",
+    ),
     (
         "[delivery]\ntransport = 'local'\n",
         "delivery.root: required when delivery.transport is 'local'",

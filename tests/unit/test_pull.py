@@ -856,6 +856,28 @@ def test_pull_into_pulls_again_in_the_window_but_not_more_often_than_min_interva
     assert fake.calls == 2
 
 
+def test_after_a_pull_that_worked_a_short_token_waits_a_tenth_of_its_life_at_most(
+    token_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 10-second token pulled in its window must not wait 30 s for the next:
+    the pause after a good pull is a tenth of the lifetime (1 s here), and
+    none once that token has expired; a failure still holds for min_interval."""
+    now = int(time.time())
+    first = make_token(MY_NAME, iat=now - 8, ttl=10)  # 2 s left
+    second = make_token(MY_NAME, iat=now, ttl=10)
+    fake = FakePull([first, second])
+    monkeypatch.setattr(client, "pull", fake)
+    assert into(token_dir, min_remaining=5).value == first
+    assert into(token_dir, min_remaining=5).value == first and fake.calls == 1  # within 1 s
+    time.sleep(1.1)
+    assert into(token_dir, min_remaining=5).value == second and fake.calls == 2
+    # An expired token after a good pull: no pause at all.
+    path = token_dir / str(ME) / "slurm_jwt"
+    path.unlink()
+    fake.tokens = [make_token(MY_NAME, iat=now, ttl=600)] * 3
+    assert into(token_dir).exp == now + 600 and fake.calls == 3
+
+
 def test_pull_into_never_puts_an_older_token_over_a_newer_one(
     token_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

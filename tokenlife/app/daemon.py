@@ -14,10 +14,20 @@ tick has run longer than STUCK_AFTER.
 With ``serve.metrics`` set, Prometheus metrics are served on that address
 (tokenlife.app.metrics); a port that cannot be bound is logged and the daemon
 runs on without them: renewal matters more than its figures.
+
+With ``pull.listen`` set, the pull service (tokenlife.app.pull_service)
+serves beside the mint socket.  Its address is a promise to the nodes, like
+the mint socket's path to PAM: if it cannot be bound (or libmunge cannot be
+loaded) the daemon refuses to start, in one line, rather than run on while
+every pull-only node goes without tokens.  A reload adjusts it (see
+PullService.apply); a pull service that stopped serving stops the watchdog
+pings.  With ``delivery.transport = "none"`` nothing is pushed: a tick
+renews, and for the ``jobs`` policy asks the job source who works where.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -33,6 +43,7 @@ from tokenlife.errors import TokenlifeError
 
 if TYPE_CHECKING:
     from repository.services import ServiceKeeper
+    from tokenlife.app.pull_service import PullService
     from transfer.service_delivery import ServiceDelivery
 
 log = logging.getLogger("tokenlife.daemon")  # the name operators grep for
@@ -53,12 +64,20 @@ class Daemon:
         self.tick_started: float | None = None  # monotonic start of the running tick
         self.keeper: ServiceKeeper | None = None  # [[service]] accounts' new chains
         self.services: ServiceDelivery | None = None  # ... and their token files
+        self.actor = f"serve@{os.uname().nodename}"
+        from tokenlife.app.pull_service import PullService
+
+        # Built once: it outlives reloads (its counts, its audit queue), and reaches
+        # the store and the job source of the configuration in force through getters.
+        self.pull: PullService = PullService(
+            lambda: self.site.store, lambda: self.site.jobs, self.actor
+        )
 
     def _build(self) -> None:
         from tokenlife.app.site import Site
 
         config = configmod.load(self.config_path)
-        site = Site.from_config(config, actor=f"serve@{os.uname().nodename}")
+        site = Site.from_config(config, actor=self.actor)
         site.key_source.load()  # fail at start (or reload), not at the first login
         if config.services:
             from repository.services import check_services
@@ -67,7 +86,14 @@ class Daemon:
             # reload), like the rest of a bad configuration.
             for warning in check_services(config):
                 log.warning("%s", warning)
-        cycle = site.cycle() if config.serve.deliver else None
+        cycle = None
+        if config.serve.deliver and site.pushes:
+            jobs = site.jobs
+            if config.pull.listen and config.pull.policy == "jobs":
+                from tokenlife.app.pull_service import ObservedJobs
+
+                jobs = ObservedJobs(jobs, self.pull.feed)  # the cycle's answer feeds the policy
+            cycle = site.cycle(jobs)
         old, self.site = getattr(self, "site", None), site
         self.config, self.minter, self.renewer, self.cycle = (
             config,
@@ -104,10 +130,14 @@ class Daemon:
 
         A tick that has run longer than STUCK_AFTER (a wedged store or node
         that no timeout caught) stops the WATCHDOG=1 pings: systemd then
-        restarts the daemon, and the tick's open batch rolls back.
+        restarts the daemon, and the tick's open batch rolls back.  So does a
+        configured pull service that does not serve (its thread died, or a
+        reload could not bind it again).
         """
         started = self.tick_started
         if started is not None and time.monotonic() - started > STUCK_AFTER:
+            return False
+        if not self.pull.alive():
             return False
         return any(t.name == "mint-socket" for t in threading.enumerate())
 
@@ -121,12 +151,15 @@ class Daemon:
             log.error("tick failed: %s", exc)
             return False
         stats.renewal(summary)
+        self.pull.forget()  # a pull after the tick reads the renewed tokens
         level = logging.WARNING if summary.failed else logging.INFO
         log.log(level, "tick: %s", summary.line())
         if self.keeper is not None:  # each service on its own: this never raises
             kept = self.keeper.keep()
             log.log(logging.WARNING if kept.failed else logging.INFO, "tick: %s", kept.line())
         if self.cycle is None:
+            if self.pull.wants_jobs:
+                self._watch_jobs()
             return True
         ok = True
         try:
@@ -144,6 +177,24 @@ class Daemon:
             log.log(level, "delivery: %s", files.line())
         return ok
 
+    def _watch_jobs(self) -> None:
+        """No delivery cycle asks the job source: ask it for the ``jobs`` policy."""
+        try:
+            needs = self.site.jobs.needs()
+        except TokenlifeError as exc:
+            log.warning("job source failed: %s", exc)
+            self.metrics.stats.job_source(False)
+            return
+        self.pull.feed(needs)
+        self.metrics.stats.job_source(True)
+
+    def _open_store(self) -> None:
+        """Open (and migrate) the store before pulls are answered from it: a
+        first pull must not wait for an upgrade.  A store that is down now is
+        the first tick's to report (the pulls answer ``error`` meanwhile)."""
+        with contextlib.suppress(TokenlifeError), self.site.store.transaction(read_only=True):
+            pass
+
     def reload(self) -> None:
         with self._lock:
             try:
@@ -153,6 +204,7 @@ class Daemon:
                 return
         self.service.minter = self.minter
         self.service.config = self.config
+        self.pull.apply(self.config)
         if self.config.serve.metrics != self.metrics_address:
             log.warning(
                 "serve.metrics changed to %r: takes effect when the daemon restarts",
@@ -166,11 +218,16 @@ class Daemon:
         from producer.service import MintService, listen
 
         self._build()
+        self.pull.bind(self.config)  # TokenlifeError: the daemon does not start
+        if self.pull.server is not None:
+            self._open_store()
+            self.pull.serve()
         # The store and the renewal policy are looked up per scrape: a reload replaces them.
         self.metrics = Metrics(
             lambda: self.site.store,
             self.config.serve.interval,
             lambda lifetime: self.renewer.policy.margin(lifetime),
+            pull=self.pull.figures,
         )
         self.metrics_address = self.config.serve.metrics
         self.metrics.start(self.metrics_address)
@@ -198,11 +255,13 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         notify("READY=1")
+        pulls = f", pull {self.pull.server.address}" if self.pull.server else ""
         log.warning(
-            "serving: socket %s, tick every %ds, metrics %s",
+            "serving: socket %s, tick every %ds, metrics %s%s",
             server.server_address,
             self.config.serve.interval,
             self.metrics.server.url if self.metrics.server else "off",
+            pulls,
         )
         watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) > 0
         stuck = False
@@ -213,11 +272,15 @@ class Daemon:
                 notify("WATCHDOG=1")
                 stuck = False
             elif not stuck:
-                log.error("a tick has run for over %ds: no more watchdog pings", STUCK_AFTER)
+                if self.pull.alive():
+                    log.error("a tick has run for over %ds: no more watchdog pings", STUCK_AFTER)
+                else:
+                    log.error("the pull service does not serve: no more watchdog pings")
                 stuck = True
         notify("STOPPING=1")
         server.shutdown()
         server.server_close()
+        self.pull.close()
         scheduler.shutdown(wait=False)
         # The running tick may finish its batch, for a while: a wedged one
         # must not keep the daemon from stopping (its batch rolls back).

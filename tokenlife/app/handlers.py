@@ -400,8 +400,9 @@ def config_check(args: argparse.Namespace) -> int:
         "mint_socket": str(config.producer.socket),
         "token_kind": config.token.kind,
         "sinks": list(config.token.sinks),
-        "transport": config.delivery.transport,
+        "transport": config.delivery.transport + ("" if site.pushes else " (push is off)"),
         "job_source": config.delivery.jobs,
+        "pull": _pull_report(config),
     }
     warnings: list[str] = []
     if config.services:
@@ -416,6 +417,9 @@ def config_check(args: argparse.Namespace) -> int:
     except TokenlifeError as exc:
         problems.append(f"key: {exc}")
     problems += _store_problems(config)
+    problems += _pull_problems(config)
+    if config.pull.login_hosts and config.pull.policy != "jobs":
+        warnings.append("pull.login_hosts: ignored, pull.policy is not 'jobs'")
     report["problems"] = problems
     report["warnings"] = warnings
     if args.json:
@@ -431,6 +435,40 @@ def config_check(args: argparse.Namespace) -> int:
         if not problems:
             print("ok")
     return 1 if problems else 0
+
+
+def _pull_report(config: Config) -> str:
+    """``off``, or where and how the pull service serves."""
+    from producer.pull import DEFAULT_MUNGE_SOCKET
+
+    pull = config.pull
+    if not pull.listen:
+        return "off"
+    hosts = f" (login hosts: {', '.join(pull.login_hosts)})" if pull.login_hosts else ""
+    socket = pull.munge_socket or f"{DEFAULT_MUNGE_SOCKET} (libmunge's default)"
+    return f"{pull.listen}, policy {pull.policy}{hosts}, munge socket {socket}"
+
+
+def _pull_problems(config: Config) -> list[str]:
+    """What would keep the pull service from working: libmunge, and munged's socket."""
+    import stat
+
+    from producer import munge
+    from producer.pull import DEFAULT_MUNGE_SOCKET
+
+    pull = config.pull
+    if not pull.listen:
+        return []
+    if not munge.available():
+        return [f"pull: cannot load {munge.LIBRARY} (install munge's library, libmunge2)"]
+    path = pull.munge_socket or DEFAULT_MUNGE_SOCKET
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return [f"pull: munge socket {path}: {exc.strerror or exc} (is munged running?)"]
+    if not stat.S_ISSOCK(mode):
+        return [f"pull: munge socket {path}: not a socket"]
+    return []
 
 
 def _store_problems(config: Config) -> list[str]:

@@ -1,6 +1,6 @@
 """Prometheus metrics of ``tokenlife serve`` (``[serve] metrics = "ADDRESS:PORT"``).
 
-Three kinds of figures, one collector, its own registry (never the global one):
+Four kinds of figures, one collector, its own registry (never the global one):
 
 * the store's state, read on a scrape from ``repository.status.snapshot``
   (SQL aggregates only) and kept for ``ttl`` seconds, or five times as long
@@ -11,7 +11,10 @@ Three kinds of figures, one collector, its own registry (never the global one):
 * the store's audit events, counted as they are committed, by any writer,
   since this daemon started (``EventTally``);
 * what this daemon did, counted after each tick (``TickStats``), its build
-  (``tokenlife_build_info``) and its process (``process_*``).
+  (``tokenlife_build_info``) and its process (``process_*``);
+* with ``[pull] listen`` set, the pull service's requests by result since the
+  daemon started (``tokenlife_pull_requests_total``, every result at 0 from
+  the start) and whether it serves (``tokenlife_pull_up``).
 
 Counters start at 0 when the daemon starts (Prometheus' ``increase()`` and
 ``rate()`` take a restart for a reset) and survive a reload.
@@ -185,6 +188,12 @@ class TickStats:
             self.job_source_up = 0 if summary.jobs_error else 1
             self.job_source_failures += bool(summary.jobs_error)
 
+    def job_source(self, ok: bool) -> None:
+        """The job source asked without a delivery cycle (``transport = "none"``)."""
+        with self.lock:
+            self.job_source_up = 1 if ok else 0
+            self.job_source_failures += not ok
+
     def tick_done(self, ok: bool, duration: float, now: float | None = None) -> None:
         with self.lock:
             self.ticks += 1
@@ -263,6 +272,31 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
     return CounterMetricFamily(f"tokenlife_{name}", documentation, value=value)
 
 
+#: (serving, requests by result since the daemon started), or None: no pull service
+PullFigures = Callable[[], "tuple[bool, dict[str, int]] | None"]
+
+
+def _pull_families(figures: tuple[bool, dict[str, int]] | None) -> list[Metric]:
+    if figures is None:
+        return []
+    from producer.pull import RESULTS as PULL_RESULTS
+
+    serving, counts = figures
+    up = GaugeMetricFamily(
+        "tokenlife_pull_up",
+        "1 if the pull service ([pull] listen) serves, else 0.",
+        value=int(serving),
+    )
+    requests = CounterMetricFamily(
+        "tokenlife_pull_requests",
+        "Requests to the pull service by result, since the daemon started.",
+        labels=["result"],
+    )
+    for result in PULL_RESULTS:
+        requests.add_metric([result], counts.get(result, 0))
+    return [up, requests]
+
+
 class Collector:
     """The store's figures (cached snapshot) plus the daemon's ``TickStats``."""
 
@@ -273,9 +307,11 @@ class Collector:
         ttl: float = SNAPSHOT_TTL,
         clock: Callable[[], float] = time.time,
         margin: Callable[[int], int] | None = None,
+        pull: PullFigures | None = None,
     ) -> None:
         self.store = store  # a getter: a reload swaps the daemon's store
         self.stats = stats
+        self.pull = pull
         #: a lifetime's renewal margin (the renewer's policy); default: the default policy
         self.margin = margin or _default_margin
         self.ttl = ttl
@@ -339,7 +375,8 @@ class Collector:
     def describe(self) -> Iterator[Metric]:
         """The families without samples (registration must not touch the store)."""
         own = self._own_families(self.stats.families())
-        for family in (*_store_families(None, self.margin), *own):
+        pull = _pull_families((False, {})) if self.pull is not None else []
+        for family in (*_store_families(None, self.margin), *own, *pull):
             family.samples = []
             yield family
 
@@ -352,6 +389,8 @@ class Collector:
         snap = self.snapshot()
         yield from _store_families(snap, self.margin)
         yield from self._own_families(ticks)
+        if self.pull is not None:
+            yield from _pull_families(self.pull())
 
     def _own_families(self, ticks: list[Metric]) -> list[Metric]:
         build = GaugeMetricFamily(
@@ -502,9 +541,10 @@ class Metrics:
         store: Callable[[], Repository],
         interval: int,
         margin: Callable[[int], int] | None = None,
+        pull: PullFigures | None = None,
     ) -> None:
         self.stats = TickStats(interval=interval)
-        self.collector = Collector(store, self.stats, margin=margin)
+        self.collector = Collector(store, self.stats, margin=margin, pull=pull)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         ProcessCollector(registry=self.registry)  # process_start_time_seconds: restarts

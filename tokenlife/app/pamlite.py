@@ -16,8 +16,8 @@ are plain strings, integers, decimals, booleans or one-line arrays of those
 (the form ``tokenlife config sample`` writes); the tables a login uses
 ([key] with a file HS256 key, [token], [producer], [pam], [store], [login])
 are checked as tokenlife.config checks them.  [delivery], [engine],
-[serve] and the [[service]] entries belong to the daemons and are not read
-here.
+[pull], [serve] and the [[service]] entries belong to the daemons and are
+not read here.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ READ_KEYS = {
     "login": frozenset({"token_dir"}),
 }
 #: the daemons' tables, not read on the login path (as tokenlife.config.Config names them)
-NOT_READ = frozenset({"delivery", "engine", "serve", "services"})
+NOT_READ = frozenset({"delivery", "engine", "pull", "serve", "services"})
 #: the arrays of tables in the subset (their TOML name: Config's name), the daemons' too
 _ARRAYS = {"service": "services"}
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from tokenlife import registry
 from tokenlife.config import Config, KeyConfig
 from tokenlife.config_values import store_scheme
+from tokenlife.errors import ConfigError
 from tokenlife.interfaces import (
     JobSource,
     KeySource,
@@ -150,10 +151,25 @@ class Site:
             kind=self.kind,
         )
 
+    @property
+    def pushes(self) -> bool:
+        """Whether tokens are pushed to nodes: false for ``delivery.transport = "none"``."""
+        return self.config.delivery.transport != "none"
+
+    def _push_on(self) -> None:
+        if not self.pushes:
+            from transfer.transports import PUSH_OFF
+
+            raise ConfigError(f"{self.config.path or 'built-in defaults'}: {PUSH_OFF}")
+
     def cycle(self, jobs: JobSource | None = None, actor: str | None = None) -> DeliveryCycle:
-        """A delivery cycle over this site's transport; ``jobs`` overrides the job source."""
+        """A delivery cycle over this site's transport; ``jobs`` overrides the job source.
+
+        ConfigError with ``delivery.transport = "none"``: nothing is pushed there.
+        """
         from transfer.cycle import DeliveryCycle
 
+        self._push_on()
         d = self.config.delivery
         return DeliveryCycle(
             self.store,
@@ -175,6 +191,7 @@ class Site:
         """The ``[[service]]`` accounts' token files, over this site's transport."""
         from transfer.service_delivery import ServiceDelivery
 
+        self._push_on()
         return ServiceDelivery(
             self.config,
             self.store,

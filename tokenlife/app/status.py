@@ -32,7 +32,7 @@ def status(args: argparse.Namespace) -> int:
         extra = {"services": services} if config.services else {}
         print(json.dumps({**snap.as_dict(), "daemon": daemon, **extra}, indent=2))
         return 0
-    for label, text in _status_lines(snap, daemon, config.serve.interval):
+    for label, text in _status_lines(snap, daemon, config.serve.interval, bool(config.pull.listen)):
         print(f"{label:<12}{text}")
     for service in services:
         print(f"{'service':<12}{_service_line(service, snap.now)}")
@@ -86,9 +86,10 @@ def _daemon_status(address: str) -> dict[str, Any] | None:
 
 
 def _status_lines(
-    snap: Snapshot, daemon: dict[str, Any] | None, interval: int
+    snap: Snapshot, daemon: dict[str, Any] | None, interval: int, pull: bool = False
 ) -> list[tuple[str, str]]:
-    """(label, text) per line of ``tokenlife status``."""
+    """(label, text) per line of ``tokenlife status``; ``pull``: the pull service is on."""
+    from repository.pull_audit import RESULT_OF
     from tokenlife.durations import format_duration as span
 
     def when(epoch: int) -> str:
@@ -108,13 +109,18 @@ def _status_lines(
             ("renew-until", f"{d.user}: renewable for {span(d.seconds_left)} ({when(d.at)})")
         )
 
-    events = dict(snap.events)
+    # The pulls have a line of their own (below), by result.
+    events = {kind: n for kind, n in snap.events.items() if kind not in RESULT_OF}
     counts = [f"{events.pop('renewed', 0)} renewed", f"{events.pop('failed', 0)} failed"]
     counts += [f"{n} {kind}" for kind, n in sorted(events.items())]
     text = ", ".join(counts)
     if snap.last_renewal is not None:
         text += f"; last renewal {span(snap.now - snap.last_renewal)} ago"
     lines.append(("last 24h", text))
+    pulls = snap.pulls
+    if pull or any(pulls.values()):
+        shown = [f"{n} {result}" for result, n in pulls.items() if n or result == "ok"]
+        lines.append(("pulls", f"{', '.join(shown)} in the last 24h"))
 
     parts = []
     for state, n in snap.deliveries.items():

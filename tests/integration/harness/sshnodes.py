@@ -57,6 +57,7 @@ import contextlib
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -70,7 +71,7 @@ from typing import IO, Self
 
 import paramiko
 
-from tests.integration.harness.procfs import exe, kill_namespaces, mnt_ns
+from tests.integration.harness.procfs import exe, kill_namespaces, mnt_ns, pids
 
 SSHD = "/usr/sbin/sshd"  # absolute: sshd re-executes itself for every connection
 PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
@@ -423,6 +424,28 @@ class SshNodes:
     def stop_node(self, name: str) -> None:
         """Take ``name`` off the network: sshd and its sessions end, its files stay."""
         self._kill([self[name]], keep_holders=True)
+
+    def cut_sshd(self, name: str) -> None:
+        """Take ``name``'s sshd off (listener and sessions): pushes fail, while
+        everything else in the node (a slurmd, its jobs) runs on. :meth:`start_node`
+        brings sshd back."""
+        node = self[name]
+        _end(node._sshd)
+        node._sshd = None
+        if node._ns is None:
+            return
+
+        def sshd(pid: int) -> bool:  # sessions too (OpenSSH 9.8+ runs them as sshd-session)
+            return os.path.basename(exe(pid) or "").startswith("sshd")
+
+        deadline = time.monotonic() + 15
+        while left := [p for p in pids() if mnt_ns(p) == node._ns and sshd(p)]:
+            if time.monotonic() > deadline:
+                raise SshNodesError(f"sshd sessions {left} of {name} do not die")
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
 
     def start_node(self, name: str) -> None:
         """Bring ``name`` back (after :meth:`stop_node` or :meth:`reboot_node`)."""

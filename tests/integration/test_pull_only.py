@@ -1,0 +1,190 @@
+"""A pull-only cluster: no push anywhere, and a job's first task has its token.
+
+``tokenlife serve`` runs with ``[delivery] transport = "none"`` and the pull
+service on; the node has nothing of the user's before the job. The shipped
+Prolog (systemd/slurm/prolog.sh, as root on the node) creates the user's
+token directory and pulls as the user, munge vouching for the user through
+the cluster's own munged; the shipped TaskProlog then exports SLURM_JWT into
+the batch step, whose plain ``squeue`` (the wrapper hands it the token)
+works. Real Slurm 22.05, real munged, real PAM-free minting: nothing here is
+faked.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from repository.store import SqlTokenStore
+from tests.conftest import REPO, run_cli, run_engine, tokenlife_bin
+from tests.integration.conftest import require_host_slurm, write_hs_key, write_task_prolog
+from tests.integration.harness.slurm import SlurmCluster, free_port
+
+pytestmark = pytest.mark.slurm
+
+JOB = r"""#!/bin/sh
+echo "token=${SLURM_JWT:-none}"
+out=$(squeue -h -j "$SLURM_JOB_ID" -o %i 2>&1)
+echo "squeue=$out"
+"""
+
+
+@dataclass
+class Site:
+    cluster: SlurmCluster
+    work: Path
+    config: Path
+    token_dir: Path
+
+
+def write_prolog(path: Path, engine: Path, config: Path, log: Path) -> None:
+    """The shipped Prolog with this cluster's engine, config and log."""
+    text = (REPO / "systemd" / "slurm" / "prolog.sh").read_text()
+    for shipped, ours in (
+        (
+            "ENGINE=/usr/local/bin/tokenlife-engine",
+            f"ENGINE={engine}\nexport TOKENLIFE_CONFIG={config}",
+        ),
+        ("LOG=/var/log/tokenlife/pull-prolog.log", f"LOG={log}"),
+    ):
+        assert shipped in text, f"prolog.sh no longer says {shipped!r}"
+        text = text.replace(shipped, ours, 1)
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def site(test_users: tuple[str, str]) -> Iterator[Site]:
+    require_host_slurm()
+    _, bob = test_users
+    work = Path(tempfile.mkdtemp(prefix="tl-pullonly-"))
+    work.chmod(0o755)
+    try:
+        with contextlib.ExitStack() as stack:
+            (work / "jobs").mkdir()
+            (work / "jobs").chmod(0o1777)
+            token_dir = work / "node-tokens"  # the node's /run/tokenlife: root's, 0755
+            token_dir.mkdir(mode=0o755)
+            key = write_hs_key(work / "jwt_hs256.key")
+            task_prolog, prolog = work / "taskprolog.sh", work / "prolog.sh"
+            cluster = SlurmCluster(
+                work / "cluster",
+                key,
+                task_prolog=task_prolog,
+                extra_conf=f"Prolog={prolog}\n",
+                open_munge=True,
+            )
+            pull = f"127.0.0.1:{free_port()}"
+            config = work / "tokenlife.toml"
+            config.write_text(
+                f'[key]\npath = "{key}"\n'
+                f'[store]\nurl = "sqlite:///{work}/db.sqlite"\nspool_dir = "{work}/spool"\n'
+                f'[login]\ntoken_dir = "{work}/login"\n'
+                f'[producer]\nsocket = "{work}/mint.sock"\n'
+                '[serve]\ninterval = "1h"\nmetrics = ""\n'
+                '[delivery]\ntransport = "none"\njobs = "static"\n'
+                f'[delivery.static]\n{bob} = ["{cluster.node_name}"]\n'
+                f'[pull]\nlisten = "{pull}"\npolicy = "own"\n'
+                f'munge_socket = "{cluster.munge_socket}"\n'
+            )
+            engine_config = work / "engine.toml"
+            engine_config.write_text(
+                f'[engine]\ntoken_dir = "{token_dir}"\nwrapper_dir = "{work}/wrappers"\n'
+                f'pull = "{pull}"\npull_timeout = 5\npull_server_user = "root"\n'
+                f'munge_socket = "{cluster.munge_socket}"\n'
+            )
+            engine_config.chmod(0o644)
+            installed = run_engine(engine_config, "install-wrappers")
+            assert installed.returncode == 0, installed.stderr
+            write_task_prolog(task_prolog, cluster.engine, engine_config)
+            write_prolog(prolog, cluster.engine, engine_config, work / "prolog.log")
+            stack.enter_context(cluster)
+            yield Site(cluster, work, config, token_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def claims(token: str) -> dict[str, object]:
+    part = token.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))))
+
+
+def test_the_first_task_of_a_job_has_its_token_by_pull_alone(
+    site: Site, test_users: tuple[str, str]
+) -> None:
+    _, bob = test_users
+    uid = pwd.getpwnam(bob).pw_uid
+    minted = run_cli("-c", str(site.config), "mint", bob, "--local")
+    assert minted.returncode == 0, minted.stderr
+    log_path = site.work / "serve.log"
+    with open(log_path, "wb") as log:
+        serve = subprocess.Popen(
+            [tokenlife_bin(), "-c", str(site.config), "-v", "serve"], stderr=log
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not (site.work / "mint.sock").exists():
+            assert serve.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        assert not (site.token_dir / str(uid)).exists()  # nothing on the node before the job
+
+        script = site.work / "job.sh"
+        script.write_text(JOB)
+        script.chmod(0o755)
+        argv = ["sbatch", "--parsable", f"--output={site.work}/jobs/%j", str(script)]
+        submitted = site.cluster.run_as(bob, argv, env={"PATH": site.cluster.job_path()})
+        assert submitted.returncode == 0, submitted.stderr
+        job = submitted.stdout.strip()
+        deadline = time.monotonic() + 60
+        while site.cluster.root_run(["squeue", "-h", "-j", job], check=False).stdout.strip():
+            assert time.monotonic() < deadline, f"job did not end\n{site.cluster.logs()}"
+            time.sleep(0.5)
+        status = json.loads(run_cli("-c", str(site.config), "status", "--json").stdout)
+    finally:
+        serve.terminate()
+        serve.wait(20)
+
+    output = (site.work / "jobs" / job).read_text()
+    said = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+    store = SqlTokenStore(f"sqlite:///{site.work}/db.sqlite")
+    try:
+        current = store.current(bob)
+    finally:
+        store.engine.dispose()
+    assert current is not None
+    context = f"{output}\n--- prolog ---\n{_read(site.work / 'prolog.log')}"
+    # The batch step's SLURM_JWT is the store's token for bob, valid; squeue took it.
+    assert said.get("token") == current.token, context
+    assert claims(current.token)["sun"] == bob
+    assert said.get("squeue") == job, context
+    # The Prolog made the user's directory as push would (0700, the user's) and
+    # the pull kept the token there 0600; one pull, no failure, no push.
+    directory = site.token_dir / str(uid)
+    info = directory.stat()
+    assert (info.st_uid, oct(info.st_mode & 0o777)) == (uid, "0o700")
+    kept = directory / "slurm_jwt"
+    assert kept.read_text().strip() == current.token
+    assert (kept.stat().st_uid, oct(kept.stat().st_mode & 0o777)) == (uid, "0o600")
+    assert status["pulls_24h"]["ok"] >= 1, status
+    assert sum(status["pulls_24h"].values()) == status["pulls_24h"]["ok"], status
+    assert _read(site.work / "prolog.log") == "", "the Prolog logs failures only"
+    assert os.path.getsize(site.work / "serve.log") > 0
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
