@@ -43,6 +43,10 @@ class UTCDateTime(TypeDecorator[datetime]):
 #: which a query must repeat word for word (SQLite matches terms, not meaning).
 RENEWABLE = "state = 'active' AND exp < renew_until"
 AT_LIMIT = "state = 'active' AND exp >= renew_until"
+#: Delivery rows a replica holds (the partial index of claimed rows).
+CLAIMED = "claimed_by IS NOT NULL"
+#: the longest claim name: a replica's name (host:pid) and a per-cycle suffix
+CLAIM_LENGTH = 128
 
 
 class Base(DeclarativeBase):
@@ -162,6 +166,8 @@ class DeliveryRow(Base):
     One row per (user, node) while the user has work there (``last_seen`` is
     when a job source last said so); ``removing`` once the work is gone or
     the token was revoked, until the node's file is deleted and the row with it.
+    ``claimed_by``/``claimed_until``: the delivery replica working on the row
+    and the end of its lease (repository/delivery_store.py); NULL when free.
     """
 
     __tablename__ = "deliveries"
@@ -176,6 +182,15 @@ class DeliveryRow(Base):
         Index("ix_deliveries_next_attempt", "next_attempt"),
         Index("ix_deliveries_node", "node"),
         Index("ix_deliveries_status_node", "status", "node"),
+        # The rows a replica holds (recording, extending, releasing its claims):
+        # only claimed rows are in it, so it stays small and costs a lone
+        # replica little (migration 0006).
+        Index(
+            "ix_deliveries_claimed_by",
+            "claimed_by",
+            sqlite_where=text(CLAIMED),
+            postgresql_where=text(CLAIMED),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -191,3 +206,5 @@ class DeliveryRow(Base):
     next_attempt: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
     updated: Mapped[datetime] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String(CLAIM_LENGTH), nullable=True)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

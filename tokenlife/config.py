@@ -144,6 +144,9 @@ class DeliveryConfig:
     remove_after: int = 600
     #: ``push --job`` (PrologSlurmctld) gives up waiting for slow nodes after this
     job_timeout: int = 20
+    #: replicas: a claim on a delivery lapses this long after its holder stopped
+    #: extending it (a dead replica's work waits this long for another one)
+    lease: int = 120
     #: plugin transports' and job sources' own tables, ``[delivery.<name>]``, as written
     options: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, hash=False)
 
@@ -155,6 +158,9 @@ class ServeConfig:
     #: after each renewal tick, run a delivery cycle (tokenlife push)
     deliver: bool = True
 
+
+#: the shortest delivery.lease (transfer/nodefs.py breaks a lock after 60 s)
+MIN_LEASE = 90
 
 #: the pull service's access policies (producer.pull.POLICIES has the same)
 PULL_POLICIES = ("own", "jobs")
@@ -369,9 +375,14 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
         static=static,
         remove_after=t.take("remove_after", duration, dd.remove_after),
         job_timeout=t.take("job_timeout", duration, dd.job_timeout),
+        lease=t.take("lease", duration_at_most(86400), dd.lease),
         options=options,
     )
     t.done()
+    if delivery.lease < MIN_LEASE:
+        # Longer than the node-side lock's stale time (transfer/nodefs.py
+        # LOCK_STALE, 60 s), so a takeover never waits on a dead pusher's lock.
+        raise ConfigError(f"{source}: delivery.lease: must be at least {MIN_LEASE}s")
     if delivery.transport == "local" and delivery.root is None:
         raise ConfigError(f"{source}: delivery.root: required when delivery.transport is 'local'")
     pull = _pull(top.sub("pull"))

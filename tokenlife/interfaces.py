@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tokenlife.records import (
+    DeliveryClaim,
     DeliveryRecord,
     DeliveryResult,
     DeliveryTask,
@@ -149,7 +150,46 @@ class DeliveryLedger(Protocol):
         self, now: int, user: str | None = None, node: str | None = None
     ) -> list[DeliveryTask]: ...
 
-    def record(self, results: list[DeliveryResult], now: int, actor: str) -> None: ...
+    def claim(
+        self,
+        now: int,
+        claim: str,
+        lease: int,
+        limit: int,
+        after: int = 0,
+        user: str | None = None,
+        node: str | None = None,
+        due_by: int | None = None,
+    ) -> DeliveryClaim:
+        """Claim up to ``limit`` owed deliveries (due by ``due_by``, default ``now``)
+        that no live lease holds, for ``claim`` until ``now + lease``.
+
+        Exactly one replica holds a delivery at a time; walking on from ``after``.
+        """
+        ...
+
+    def extend(self, claim: str, until: int) -> int:
+        """Move the lease of every record ``claim`` holds to ``until``; returns how many."""
+        ...
+
+    def release(self, claim: str, tasks: list[DeliveryTask]) -> None:
+        """Give up ``claim``'s hold on these records (never started): others may take them."""
+        ...
+
+    def holders(self, now: int) -> list[str]:
+        """The claims whose lease has not ended at ``now``."""
+        ...
+
+    def forget(self, claims: list[str]) -> int:
+        """Free every record these claims hold (their replicas are gone); returns how many."""
+        ...
+
+    def record(
+        self, results: list[DeliveryResult], now: int, actor: str, claim: str | None = None
+    ) -> list[DeliveryResult]:
+        """Store outcomes (and free their records); with ``claim``, only those whose
+        record ``claim`` still holds: returns the others, dropped."""
+        ...
 
 
 class Repository(TokenStore, Protocol):

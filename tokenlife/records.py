@@ -191,3 +191,15 @@ class DeliveryResult:
     error: str = ""
     retry_at: int = 0
     outcome: str = ""  # the transport's word for a put (installed, unchanged, ...)
+
+
+@dataclass(frozen=True)
+class DeliveryClaim:
+    """Deliveries one replica claimed in one go: no other replica works on them
+    until the claim's lease ends or the replica records or releases them."""
+
+    tasks: list[DeliveryTask]
+    #: where the walk over the records stopped: the cycle's next claim starts after it
+    after: int
+    #: the batch was full: more may be owed
+    more: bool

@@ -302,7 +302,7 @@ def test_upgrade_from_0004_counts_what_is_stored(store_url: str) -> None:
     try:
         store._open()  # opening upgrades
         with store.engine.connect() as c:
-            assert current(c) == "0005"
+            assert current(c) == HEAD
         assert_counts(store, counts(6580, 350, 70))
         assert count_rows(store)[0] == 3  # one row per state, as counted
         with store.transaction(read_only=True) as s:

@@ -55,7 +55,8 @@ log = logging.getLogger("tokenlife.metrics")  # the name operators grep for
 #: seconds a store snapshot serves scrapes before the next one is taken
 SNAPSHOT_TTL = 2.0
 #: the delivery outcomes counted by ``tokenlife_delivery_results_total``
-RESULTS = ("delivered", "unchanged", "removed", "failed")
+#: (dropped: done, but another replica held the claim by then: not recorded)
+RESULTS = ("delivered", "unchanged", "removed", "failed", "dropped")
 LAST_TICK = "tokenlife_last_tick_success_timestamp_seconds"
 #: the audit trail's kinds: exported at 0 before the first one (``increase()``
 #: needs a series to exist before it grows); other kinds appear when they occur

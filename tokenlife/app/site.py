@@ -178,6 +178,7 @@ class Site:
             d.remove_after,
             d.ssh.concurrency,
             actor=actor or self.actor,
+            lease=d.lease,
         )
 
     @cached_property

@@ -1,0 +1,570 @@
+"""Delivery replicas in a rotation storm: one replica, two replicas, and what claims cost.
+
+Every user's token has been renewed and every (user, node) pair is owed the
+new version: by default 1,000 users, each with work on 10 of 100 nodes, so
+10,000 deliveries.  Nodes are directories on this host (the ``local``
+transport: ``<root>/<node>/run/tokenlife/<uid>/slurm_jwt``) with the real
+install protocol (temporary file, fsync, owner, per-user lock, version check,
+atomic rename), on a tmpfs by default (``--nodes-on disk`` for the work
+directory's disk: then every "node" shares one journal, which real nodes do
+not), so what is measured is the cycle and the store, not sshd.  The store is
+a fresh database on a throwaway PostgreSQL 15
+(``tests/integration/harness/postgres.py``; needs root and Debian's
+``postgresql-15``), seeded by Core bulk inserts, then VACUUM ANALYZEd (what
+autovacuum would have done).  Each replica is its own OS process
+(``DeliveryCycle.run()`` with the default batch, a fixed clock, no job
+source: what the store owes), started and connected before the clock runs
+and released together.  Both tables are made with 32 threads per replica
+(``delivery.ssh.concurrency``'s default), then with 2: on this transport a
+push is CPU work, and one process's 32 threads on a few cores lose much of
+their CPU to contention for CPython's GIL, which a second process escapes
+(the "cpu s" column shows it); with 2 threads that effect is small.
+
+Two tables:
+
+  replicas  1 replica, then (a fresh copy) 2 replicas at once.  When 30% of
+            the pairs are recorded, the users whose deliveries are claimed
+            right then are renewed again, so their nodes are owed the next
+            version while the replicas still push this one.  Columns: wall
+            time from the first replica's start to the last one's end;
+            pushes per second; the ratio of that rate over one replica's
+            (target for 2: >= 1.7x); each replica's pushes; the users
+            renewed mid-storm; double deliveries (a (user, node, version)
+            pushed more than once: must be 0); older over newer (a node file
+            ending older than a version some replica installed there: must
+            be 0); missed (a node not holding its user's newest token after
+            the storm and one catch-up cycle: must be 0); the 1-minute load
+            average before and after each run.
+  claims    what claiming costs a lone replica: the same storm (no renewal
+            in it) by one DeliveryCycle, next to the previous cycle's way (one
+            ``due()`` read, the pushes on as many threads, one ``record()``
+            without claims), on PostgreSQL and SQLite.  Target: <= 1.1x.
+
+Runs are repeated (``--repeat``), the modes alternating, and the medians
+shown: on a shared 2-core machine one run can be off by 20%.
+
+Run as root:  .venv/bin/python bench/bench_push_replicas.py
+Quick check:  .venv/bin/python bench/bench_push_replicas.py --users 200 --repeat 1
+Options: --users, --per-user, --nodes, --repeat, --concurrency 32,2 (threads per
+         replica: each in turn), --only replicas,claims, --nodes-on tmpfs|disk
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from sqlalchemy import func, insert, select, update  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from repository.models import DeliveryRow, EventRow, TokenRow  # noqa: E402
+from repository.rows import to_delivery, to_dt, to_record  # noqa: E402
+from repository.store import SqlTokenStore  # noqa: E402
+from tests.integration.harness.deliver_worker import (  # noqa: E402
+    REMOTE_DIR,
+    Storm,
+    node_file,
+    open_store,
+    outcome,
+    renew,
+    seed,
+)
+from tests.integration.harness.postgres import PostgresServer  # noqa: E402
+from tokenlife.records import ACTIVE, DeliveryResult, DeliveryTask, TokenFile  # noqa: E402
+from tokenlife.testing.fakes import FakeClock  # noqa: E402
+from transfer.cycle import BATCH, DeliveryCycle  # noqa: E402
+from transfer.transports import LocalTransport  # noqa: E402
+
+NOW = 1_800_000_000
+CONCURRENCY = 32  # delivery.ssh.concurrency's default
+RENEW_WHEN = 0.3  # users with deliveries in flight are renewed once this share is recorded
+
+
+# -- the replica process ---------------------------------------------------------------------
+
+
+class TracingTransport(LocalTransport):
+    """The local transport, noting every push: (user, node, version, outcome)."""
+
+    def __init__(self, remote_dir: Path, root: Path) -> None:
+        super().__init__(remote_dir, root)
+        self.trace: list[tuple[str, str, int, str]] = []
+
+    def put(self, node: str, tf: TokenFile) -> str:
+        result = super().put(node, tf)
+        self.trace.append((tf.user, node, tf.version, result))  # list.append: atomic
+        return result
+
+
+# The cycle as it was before claims (release 0.x, transfer/cycle.py and
+# repository/delivery_store.py at that time): one read of everything owed, the
+# pushes on as many threads, one bulk record.  The store work is copied here
+# word for word, so the baseline does not move with today's code.
+
+
+def previous_due(store: SqlTokenStore, now: int) -> list[DeliveryTask]:
+    with store.transaction(read_only=True) as s:
+        query = (
+            select(DeliveryRow, TokenRow)
+            .outerjoin(TokenRow, (TokenRow.user == DeliveryRow.user) & (TokenRow.state == ACTIVE))
+            .order_by(DeliveryRow.node, DeliveryRow.user)
+        )
+        query = query.where(DeliveryRow.next_attempt <= to_dt(now))
+        tasks = []
+        for row, token in s.execute(query).all():
+            record = to_delivery(row)
+            if row.status == "removing" or token is None:
+                if row.status == "removing" or row.version > 0:
+                    tasks.append(DeliveryTask(record, None))
+            elif (token.token_id, token.version) != (row.token_id, row.version):
+                tasks.append(DeliveryTask(record, to_record(token)))
+        return tasks
+
+
+def previous_record(
+    store: SqlTokenStore, results: list[DeliveryResult], now: int, actor: str
+) -> None:
+    """The previous record() for the outcomes of a storm (all delivered: no
+    removals, no failures, which it handled row by row)."""
+    delivered: dict[tuple[str, str, int], list[str]] = {}
+    events: list[dict[str, object]] = []
+    at = to_dt(now)
+    for r in results:
+        assert r.ok and not r.removed, r
+        delivered.setdefault((r.user, r.token_id, r.version), []).append(r.node)
+        events.append(
+            {
+                "at": at,
+                "event": "delivered",
+                "user": r.user,
+                "token_id": r.token_id,
+                "version": r.version,
+                "actor": actor,
+                "reason": f"node {r.node}",
+            }
+        )
+    with store.transaction() as s:
+        for (user, token_id, version), nodes in delivered.items():
+            for chunk in [nodes[i : i + 500] for i in range(0, len(nodes), 500)]:
+                s.execute(
+                    update(DeliveryRow)
+                    .where((DeliveryRow.user == user) & DeliveryRow.node.in_(chunk))
+                    .values(
+                        token_id=token_id,
+                        version=version,
+                        status="delivered",
+                        attempts=0,
+                        last_error="",
+                        updated=at,
+                        next_attempt=at,
+                    )
+                )
+        if events:
+            s.execute(insert(EventRow), events)
+
+
+def previous_cycle(cycle: DeliveryCycle, store: SqlTokenStore, concurrency: int) -> dict[str, Any]:
+    now = int(cycle.clock.now())
+    tasks = previous_due(store, now)
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(cycle._do, tasks))
+    previous_record(store, results, int(cycle.clock.now()), cycle.actor)
+    return {"delivered": sum(r.ok for r in results), "failed": sum(not r.ok for r in results)}
+
+
+def worker() -> int:
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    job = json.loads(sys.stdin.readline())
+    store = SqlTokenStore(job["url"])
+    store.current("nobody")  # engine and migrations before the clock runs
+    transport = TracingTransport(Path(REMOTE_DIR), Path(job["root"]))
+    cycle = DeliveryCycle(
+        store,
+        transport,
+        None,
+        600,
+        job["concurrency"],
+        clock=FakeClock(job["now"]),
+        actor=job["actor"],
+    )
+    print("ready", file=out, flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return 2
+    start, cpu = time.time(), time.process_time()
+    if job["previous"]:
+        summary = previous_cycle(cycle, store, job["concurrency"])
+    else:
+        summary = cycle.run().as_dict()
+    end, cpu = time.time(), time.process_time() - cpu
+    result = {**summary, "start": start, "end": end, "cpu": cpu, "trace": transport.trace}
+    print(json.dumps(result), file=out, flush=True)
+    store.close()
+    return 0
+
+
+class Replica:
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker"],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        )
+        self._send(json.dumps(job))
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def _line(self) -> str:
+        stream: IO[str] | None = self.proc.stdout
+        assert stream is not None
+        line = stream.readline()
+        if not line:
+            raise SystemExit(f"a replica died (exit {self.proc.wait()})")
+        return line.rstrip("\n")
+
+    def ready(self) -> None:
+        if self._line() != "ready":
+            raise SystemExit("a replica did not start")
+
+    def go(self) -> None:
+        self._send("go")
+
+    def result(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self._line())
+        if self.proc.wait() != 0:
+            raise SystemExit("a replica failed")
+        return result
+
+
+# -- one run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    wall: float
+    pushes: int
+    split: list[int]
+    doubles: int
+    older_over_newer: int
+    missed: int
+    load: tuple[float, float]
+    cpu: list[float] = field(default_factory=list)
+    renewed: int = 0  # users renewed mid-storm
+    store_cpu: float = 0.0  # the PostgreSQL server's CPU seconds (0 on SQLite)
+
+
+class Bench:
+    def __init__(self, work: Path, nodes: Path, storm: Storm) -> None:
+        self.work = work
+        self.nodes = nodes
+        self.storm = storm
+        self.concurrency = CONCURRENCY  # of the runs to come
+        self.pg = PostgresServer(parent=work)
+        self.pg.start()
+        self.rounds = 0
+        self.renewed = 0  # users renewed mid-storm in the last run
+
+    def fresh(self, backend: str) -> tuple[str, Path]:
+        self.rounds += 1
+        root = self.nodes / f"nodes-{self.rounds}"
+        if backend == "sqlite":
+            url = f"sqlite:///{self.work}/store-{self.rounds}/tokenlife.db"
+        else:
+            url = self.pg.create_database(f"push_{self.rounds}")
+        seed(url, self.storm, root)
+        if backend == "postgresql":  # what autovacuum would have done
+            with self.pg.admin(f"push_{self.rounds}") as conn:
+                conn.execute("VACUUM ANALYZE")
+        return url, root
+
+    def drop(self, backend: str, url: str, root: Path) -> None:
+        shutil.rmtree(root, ignore_errors=True)
+        if backend == "postgresql":
+            self.pg.drop_database(make_url(url).database or "")
+        else:
+            shutil.rmtree(Path(make_url(url).database or "").parent, ignore_errors=True)
+
+    def run(self, backend: str, replicas: int, previous: bool, race: bool) -> Run:
+        url, root = self.fresh(backend)
+        try:
+            return self._run(url, root, replicas, previous, race)
+        finally:
+            self.drop(backend, url, root)
+
+    def store_cpu(self) -> float:
+        """CPU seconds the PostgreSQL server's processes have used so far
+        (this server's: their working directory is its data directory)."""
+        total = 0
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/cwd") != str(self.pg.data_dir):
+                    continue
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                # utime, stime, and those of its children gone (backends that
+                # ended are the postmaster's)
+                total += sum(int(n) for n in stat[11:15])
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def _run(self, url: str, root: Path, replicas: int, previous: bool, race: bool) -> Run:
+        job = {
+            "url": url,
+            "root": str(root),
+            "now": NOW,
+            "concurrency": self.concurrency,
+            "previous": previous,
+        }
+        procs = [Replica({**job, "actor": f"replica-{i}"}) for i in range(replicas)]
+        for proc in procs:
+            proc.ready()
+        load = os.getloadavg()[0]
+        store_cpu = self.store_cpu()
+        stop = threading.Event()
+        self.renewed = 0
+        renewer = threading.Thread(target=self._renew_midway, args=(url, stop), daemon=True)
+        if race:
+            renewer.start()
+        for proc in procs:
+            proc.go()
+        results = [proc.result() for proc in procs]
+        stop.set()
+        if race:
+            renewer.join()
+        after = os.getloadavg()[0]
+        store_cpu = self.store_cpu() - store_cpu
+        wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+        traces = [tuple(t) for r in results for t in r["trace"]]
+        pushes = Counter((u, n, v) for u, n, v, _ in traces)
+        doubles = sum(c - 1 for c in pushes.values())
+        installed: dict[tuple[str, str], int] = {}
+        for u, n, v, how in traces:
+            if how == "installed":
+                installed[(u, n)] = max(v, installed.get((u, n), 0))
+        older = sum(
+            1
+            for (u, n), v in installed.items()
+            if _version(node_file(root, REMOTE_DIR, n, u).read_text()) < v
+        )
+        # One catch-up cycle (what the next tick does); then every node holds the newest.
+        catch_up = Replica({**job, "actor": "catch-up", "previous": False})
+        catch_up.ready()
+        catch_up.go()
+        catch_up.result()
+        seen = outcome(url, self.storm, root)
+        return Run(
+            wall,
+            len(traces),
+            [len(r["trace"]) for r in results],
+            doubles,
+            older,
+            len(seen.wrong_files) + seen.owed,
+            (load, after),
+            [r["cpu"] for r in results],
+            self.renewed,
+            store_cpu,
+        )
+
+    def _renew_midway(self, url: str, stop: threading.Event) -> None:
+        """Once RENEW_WHEN of the pairs are recorded, renew the users whose
+        deliveries are claimed (on their way) right then: their nodes are owed
+        the next version while the replicas still push this one."""
+        store = open_store(url)
+        target = RENEW_WHEN * len(self.storm.pairs())
+        try:
+            while not stop.is_set():
+                with store.engine.connect() as conn:
+                    done = conn.scalar(select(func.count()).select_from(EventRow)) or 0
+                    if done >= target:
+                        users = conn.scalars(
+                            select(DeliveryRow.user)
+                            .where(DeliveryRow.claimed_by.is_not(None))
+                            .distinct()
+                        ).all()
+                        renew(url, self.storm, list(users), 3)
+                        self.renewed = len(users)
+                        return
+                time.sleep(0.05)
+        finally:
+            store.close()
+
+    def close(self) -> None:
+        self.pg.stop()
+
+
+def _version(text: str) -> int:
+    return int(text.rsplit(".v", 1)[1])
+
+
+# -- tables -------------------------------------------------------------------------------------
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def timed(label: str, bench: Bench, backend: str, replicas: int, previous: bool, race: bool) -> Run:
+    """One run (``Bench.run``), with a progress line on stderr."""
+    label = f"{label} (concurrency {bench.concurrency})"
+    print(f"  {label} ...", end="", flush=True, file=sys.stderr)
+    start = time.perf_counter()
+    result = bench.run(backend, replicas, previous, race)
+    cpu = "+".join(f"{c:.2f}" for c in result.cpu)
+    print(
+        f" {time.perf_counter() - start:.1f} s (cycle {result.wall:.2f} s, cpu {cpu} s, "
+        f"store cpu {result.store_cpu:.2f} s)",
+        file=sys.stderr,
+    )
+    return result
+
+
+def median_run(runs: list[Run]) -> Run:
+    return sorted(runs, key=lambda r: r.wall)[len(runs) // 2]
+
+
+def replicas_rows(bench: Bench, repeat: int) -> list[list[str]]:
+    runs: dict[int, list[Run]] = {1: [], 2: []}
+    for i in range(repeat):
+        for n in (1, 2):
+            label = f"run {i + 1}: {n} replica(s)"
+            runs[n].append(timed(label, bench, "postgresql", n, previous=False, race=True))
+    # Rates, not wall times: the mid-storm renewal adds a few hundred pushes,
+    # more with two replicas (more deliveries on their way at that moment).
+    one = statistics.median(r.pushes / r.wall for r in runs[1])
+    rows = []
+    for n in (1, 2):
+        wall = statistics.median(r.wall for r in runs[n])
+        rate = statistics.median(r.pushes / r.wall for r in runs[n])
+        last = median_run(runs[n])
+        ratio = rate / one
+        target = "" if n == 1 else ("ok" if ratio >= 1.7 else "MISSED (>= 1.7x)")
+        rows.append(
+            [
+                str(bench.concurrency),
+                str(n),
+                f"{wall:.2f} s",
+                f"{rate:,.0f}/s",
+                f"{ratio:.2f}x",
+                "/".join(str(s) for s in last.split),
+                str(last.renewed),
+                str(sum(r.doubles for r in runs[n])),
+                str(sum(r.older_over_newer for r in runs[n])),
+                str(sum(r.missed for r in runs[n])),
+                "+".join(f"{c:.1f}" for c in last.cpu) + f" / {last.store_cpu:.1f}",
+                " ".join(f"{r.load[0]:.2f}->{r.load[1]:.2f}" for r in runs[n]),
+                target,
+            ]
+        )
+    return rows
+
+
+REPLICAS_HEADER = ["threads", "replicas", "wall", "pushes", "vs 1", "split", "renewed"]
+REPLICAS_HEADER += ["doubles", "older>newer", "missed", "cpu s / store", "load (1 min) per run"]
+REPLICAS_HEADER += ["target"]
+
+
+def claims_rows(bench: Bench, repeat: int) -> list[list[str]]:
+    rows = []
+    for backend in ("postgresql", "sqlite"):
+        walls: dict[bool, list[float]] = {True: [], False: []}
+        for i in range(repeat):
+            for previous in (True, False):
+                label = f"run {i + 1}: {backend} {'previous' if previous else 'claims'}"
+                run = timed(label, bench, backend, 1, previous, race=False)
+                if run.doubles or run.missed or run.older_over_newer:
+                    raise SystemExit(f"{label}: {run}")
+                walls[previous].append(run.wall)
+        before, now = statistics.median(walls[True]), statistics.median(walls[False])
+        ratio = now / before
+        rows.append(
+            [
+                str(bench.concurrency),
+                backend,
+                f"{before:.2f} s",
+                f"{now:.2f} s",
+                f"{ratio:.2f}x",
+                "ok" if ratio <= 1.1 else "MISSED (<= 1.1x)",
+            ]
+        )
+    return rows
+
+
+CLAIMS_HEADER = ["threads", "backend", "previous cycle", "with claims", "ratio", "target"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--per-user", type=int, default=10)
+    parser.add_argument("--nodes", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--concurrency", default=f"{CONCURRENCY},2", help="threads per replica")
+    parser.add_argument("--only", default="replicas,claims")
+    parser.add_argument("--nodes-on", choices=("tmpfs", "disk"), default="tmpfs")
+    args = parser.parse_args()
+    if args.worker:
+        sys.exit(worker())
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (PostgreSQL harness, file owners)")
+    storm = Storm(args.users, args.per_user, args.nodes, NOW)
+    work = Path(tempfile.mkdtemp(prefix="tl-bench-push-replicas-"))
+    os.chmod(work, 0o755)  # the postgres user reaches its data directory through it
+    nodes = work if args.nodes_on == "disk" else Path(tempfile.mkdtemp(dir="/dev/shm"))
+    bench = Bench(work, nodes, storm)
+    threads = [int(n) for n in args.concurrency.split(",")]
+    only = set(args.only.split(","))
+    try:
+        print(
+            f"rotation storm: {args.users:,} users x {args.per_user} of {args.nodes} nodes = "
+            f"{len(storm.pairs()):,} deliveries; local transport on {args.nodes_on}; "
+            f"batch {BATCH}; {os.cpu_count()} CPUs; medians of {args.repeat} run(s)"
+        )
+        tables: dict[str, list[list[str]]] = {"replicas": [], "claims": []}
+        for n in threads:
+            bench.concurrency = n
+            if "replicas" in only:
+                tables["replicas"] += replicas_rows(bench, args.repeat)
+            if "claims" in only:
+                tables["claims"] += claims_rows(bench, args.repeat)
+        if tables["replicas"]:
+            print()
+            print("replicas (PostgreSQL; the users whose deliveries are on their way when 30% are")
+            print("recorded are renewed again: their nodes are owed the next version mid-storm)")
+            print(table(REPLICAS_HEADER, tables["replicas"]))
+        if tables["claims"]:
+            print()
+            print("claims: a lone replica, next to the previous cycle (no claims)")
+            print(table(CLAIMS_HEADER, tables["claims"]))
+    finally:
+        bench.close()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(nodes, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
