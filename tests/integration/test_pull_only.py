@@ -151,7 +151,13 @@ def test_the_first_task_of_a_job_has_its_token_by_pull_alone(
         while site.cluster.root_run(["squeue", "-h", "-j", job], check=False).stdout.strip():
             assert time.monotonic() < deadline, f"job did not end\n{site.cluster.logs()}"
             time.sleep(0.5)
-        status = json.loads(run_cli("-c", str(site.config), "status", "--json").stdout)
+        # Pulls are audited in batches, a second or so after they happen.
+        deadline = time.monotonic() + 15
+        while True:
+            status = json.loads(run_cli("-c", str(site.config), "status", "--json").stdout)
+            if status["pulls_24h"]["ok"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     finally:
         serve.terminate()
         serve.wait(20)
