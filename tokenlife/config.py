@@ -130,6 +130,8 @@ class SshConfig:
     concurrency: int = 32
     ssh_config: Path | None = None
     connect_timeout: int = 10
+    #: pooled connections kept open at most (least recently used closed first)
+    max_connections: int = 4096
 
 
 @dataclass(frozen=True)
@@ -360,7 +362,13 @@ def parse(data: dict[str, Any], source: str = "<config>", path: Path | None = No
         concurrency=s.take("concurrency", integer(1, 1024), sd.concurrency),
         ssh_config=s.take("ssh_config", abspath, sd.ssh_config),
         connect_timeout=s.take("connect_timeout", duration, sd.connect_timeout),
+        max_connections=s.take("max_connections", integer(1, 1_000_000), sd.max_connections),
     )
+    if ssh.max_connections < ssh.concurrency:
+        raise ConfigError(
+            f"{source}: delivery.ssh.max_connections: must be at least "
+            f"delivery.ssh.concurrency ({ssh.concurrency}): every push holds a connection"
+        )
     s.done()
     st = t.sub("static")
     empty: tuple[str, ...] = ()

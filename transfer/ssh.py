@@ -5,6 +5,11 @@ and kept with keepalives, so a renewal cycle costs a few round trips per
 node instead of a handshake.  Host keys come only from the configured
 known_hosts file: an unknown host is refused, a changed key is refused with
 both fingerprints, and nothing is ever added to the file.
+
+The pool holds at most ``max_connections`` connections: each costs a socket,
+a paramiko thread and about 100 KB of memory here, and a node an sshd session.
+At the limit, opening one more first closes the connection used least
+recently that nobody is using.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +56,7 @@ class _Conn:
         self.sftp = sftp
         self.uid = uid  # who we are on the node
         self.lock = threading.Lock()  # one operation per connection at a time
+        self.users = 0  # callers holding it (the pool's guard counts them): never evicted then
 
     def alive(self) -> bool:
         transport = self.client.get_transport()
@@ -63,7 +70,9 @@ class _Conn:
 class SshPool:
     def __init__(self, config: SshConfig) -> None:
         self.config = config
-        self._conns: dict[str, _Conn] = {}
+        # least recently used first: the order evictions go in
+        self._conns: OrderedDict[str, _Conn] = OrderedDict()
+        self._opening = 0  # connections being opened: they count against the limit
         self._guard = threading.Lock()
         self._pkey: paramiko.PKey | None = None
         self._ssh_config: paramiko.SSHConfig | None = None
@@ -180,21 +189,78 @@ class SshPool:
     @contextmanager
     def fs(self, node: str) -> Iterator[SftpFS]:
         """The node's files over its pooled connection (opened or re-opened here)."""
+        conn = self._acquire(node)
+        try:
+            with conn.lock:
+                try:
+                    yield SftpFS(conn.sftp, own_uid=conn.uid)
+                except (OSError, EOFError, paramiko.SSHException) as exc:
+                    # The connection broke under us: drop it; the caller retries.
+                    self._forget(node, conn)
+                    raise TransportError(f"{node}: connection lost: {exc}") from exc
+        finally:
+            with self._guard:
+                conn.users -= 1
+
+    def _acquire(self, node: str) -> _Conn:
+        """The node's live connection, marked in use (opened, within the limit, if need be)."""
         with self._guard:
             conn = self._conns.get(node)
-        if conn is None or not conn.alive():
             if conn is not None:
-                conn.close()
-            conn = self._connect(node)
+                conn.users += 1
+                self._conns.move_to_end(node)
+        if conn is not None:
+            if conn.alive():
+                return conn
             with self._guard:
-                self._conns[node] = conn
-        with conn.lock:
-            try:
-                yield SftpFS(conn.sftp, own_uid=conn.uid)
-            except (OSError, EOFError, paramiko.SSHException) as exc:
-                # The connection broke under us: drop it; the caller retries.
-                self.drop(node)
-                raise TransportError(f"{node}: connection lost: {exc}") from exc
+                conn.users -= 1
+            self._forget(node, conn)
+        self._make_room()
+        try:
+            new = self._connect(node)
+        finally:
+            with self._guard:
+                self._opening -= 1
+        with self._guard:
+            # Two callers may open the same node at once: the first one kept wins.
+            kept = self._conns.get(node)
+            if kept is None or not kept.alive():
+                self._conns[node] = kept = new
+            kept.users += 1
+            self._conns.move_to_end(node)
+        if kept is not new:
+            new.close()
+        elif len(self._conns) > self.config.max_connections:
+            self._make_room(opening=False)  # no idle one to close before: now, maybe
+        return kept
+
+    def _make_room(self, opening: bool = True) -> None:
+        """Close least recently used idle connections until one more fits.
+
+        ``opening``: a connection is about to be opened (it counts until it is
+        in the pool).  Connections in use are never closed: with the limit at
+        least ``concurrency`` (the configuration checks), an idle one is there.
+        """
+        victims = []
+        with self._guard:
+            self._opening += opening
+            excess = len(self._conns) + self._opening - self.config.max_connections
+            if excess > 0:
+                for name, conn in self._conns.items():
+                    if conn.users == 0:
+                        victims.append(name)
+                        if len(victims) == excess:
+                            break
+            closing = [self._conns.pop(name) for name in victims]
+        for conn in closing:
+            conn.close()
+
+    def _forget(self, node: str, conn: _Conn) -> None:
+        """Close ``conn`` and take it out of the pool (if it is still the node's)."""
+        with self._guard:
+            if self._conns.get(node) is conn:
+                del self._conns[node]
+        conn.close()
 
     def drop(self, node: str) -> None:
         with self._guard:
@@ -208,7 +274,7 @@ class SshPool:
 
     def close(self) -> None:
         with self._guard:
-            conns, self._conns = list(self._conns.values()), {}
+            conns, self._conns = list(self._conns.values()), OrderedDict()
         for conn in conns:
             conn.close()
 

@@ -173,3 +173,52 @@ def test_ended_work_is_removed_from_its_node(site: Site) -> None:
     assert site.cycle.run().removed == 2
     assert not site.nodes["node02"].exists(f"/run/tokenlife/{record.uid}/slurm_jwt")
     site.check("node01", record)
+
+
+def test_a_pool_at_its_limit_closes_idle_sessions_and_still_delivers_everywhere(
+    site: Site,
+) -> None:
+    """delivery.ssh.max_connections = 1 for three real nodes: each push first
+    closes the other node's session (sshd sees the client leave), and every
+    node still gets every token."""
+    ssh = replace(site.transport.pool.config, max_connections=1, concurrency=1)
+    transport = SshTransport(DeliveryConfig(transport="ssh", ssh=ssh))
+    open_at_connect: list[int] = []
+    connect = transport.pool._connect
+
+    def counted(node: str) -> object:
+        open_at_connect.append(len(transport.pool.connected()))
+        return connect(node)
+
+    transport.pool._connect = counted  # type: ignore[method-assign]
+    cycle = replace_transport(site, transport)
+
+    def seen(what: str) -> int:  # the nodes' logs run on across this module's tests
+        return sum(site.nodes.logs(n, lines=1000).count(what) for n in NODES)
+
+    logins_before, leaves_before = seen("Accepted publickey"), seen("Close session:")
+    try:
+        for round_ in range(2):
+            site.clock.advance(100)
+            record = site.mint()
+            summary = cycle.run()
+            assert (summary.delivered, summary.failed) == (3, 0), summary.errors
+            for node in NODES:
+                site.check(node, record)
+            assert len(transport.pool.connected()) == 1, round_
+        # a connection is opened only once the previous one is closed
+        assert open_at_connect == [0] * len(open_at_connect) and len(open_at_connect) >= 5
+        logins = seen("Accepted publickey") - logins_before
+        leaves = seen("Close session:") - leaves_before
+        assert logins == len(open_at_connect)
+        assert leaves >= logins - 1  # every session but the pooled one was closed by us
+    finally:
+        transport.close()
+
+
+def replace_transport(site: Site, transport: SshTransport) -> DeliveryCycle:
+    """The site's cycle, one push at a time over ``transport``."""
+    cycle = site.cycle
+    return DeliveryCycle(
+        site.store, transport, cycle.jobs, cycle.remove_after, concurrency=1, clock=site.clock
+    )

@@ -74,9 +74,11 @@ class Daemon:
         )
 
     def _build(self) -> None:
+        from tokenlife.app import fdlimit
         from tokenlife.app.site import Site
 
         config = configmod.load(self.config_path)
+        fdlimit.ensure(config)  # pooled node connections and pull clients, each a descriptor
         site = Site.from_config(config, actor=self.actor)
         site.key_source.load()  # fail at start (or reload), not at the first login
         if config.services:

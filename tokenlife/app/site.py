@@ -114,7 +114,10 @@ class Site:
 
     @cached_property
     def transport(self) -> Transport:
+        from tokenlife.app import fdlimit
+
         d = self.config.delivery
+        fdlimit.ensure(self.config)  # one descriptor per pooled node connection
         transport: Transport = registry.load(registry.TRANSPORTS, d.transport)(d)
         return transport
 
