@@ -59,11 +59,14 @@ def file_path(base: str, uid: int) -> str:
     return _join(base, str(uid), FILE_NAME)
 
 
-def install(fs: NodeFS, base: str, tf: TokenFile) -> str:
+def install(fs: NodeFS, base: str, tf: TokenFile, sweep: bool = True) -> str:
     """Put ``tf`` at <base>/<uid>/slurm_jwt unless a newer token is there.
 
     Returns INSTALLED, UNCHANGED (this very token is there) or NEWER_THERE.
     Raises OSError or TransportError; nothing half-written stays behind.
+    ``sweep=False``: no look for a killed pusher's temporary files after an
+    install (four SFTP round trips of a dozen): for a caller that already
+    looked in this directory since it last lost a connection there.
     """
     _ensure_dirs(fs, base, tf.uid, tf.gid)
     target = file_path(base, tf.uid)
@@ -85,7 +88,8 @@ def install(fs: NodeFS, base: str, tf: TokenFile) -> str:
                 return UNCHANGED  # another pusher put this very token there meanwhile
             fs.rename(temp, target)
             renamed = True
-            _sweep(fs, user_dir(base, tf.uid), older_than=tf.order)
+            if sweep:
+                _sweep(fs, user_dir(base, tf.uid), older_than=tf.order)
             return INSTALLED
     finally:
         if not renamed:

@@ -2,6 +2,11 @@
 
 Owner and mtime are set on the open handle (FSETSTAT), never by path, and
 the final step is OpenSSH's ``posix-rename@openssh.com`` (atomic replace).
+
+Every request is a round trip that a pushing thread waits for, and a warm
+push is little else: a new file is opened with its mode in the OPEN request
+(no moment with the server's default 0644), and its mode, owner and mtime
+then go in one FSETSTAT after the data (a write moves the mtime).
 """
 
 from __future__ import annotations
@@ -11,20 +16,35 @@ import errno
 from typing import Any
 
 import paramiko
-from paramiko.sftp import CMD_EXTENDED, SFTPError
+from paramiko.sftp import (
+    CMD_EXTENDED,
+    CMD_FSETSTAT,
+    CMD_HANDLE,
+    CMD_OPEN,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_EXCL,
+    SFTP_FLAG_WRITE,
+    SFTPError,
+)
+from paramiko.sftp_attr import SFTPAttributes
+from paramiko.sftp_file import SFTPFile
 
 from tokenlife.interfaces import FileInfo, Owner
 
-#: paramiko's mode for SSH_FXF_CREAT | SSH_FXF_EXCL | SSH_FXF_WRITE
-_CREATE_EXCL = "wx"
+#: SSH_FXF_CREAT | SSH_FXF_EXCL | SSH_FXF_WRITE
+_CREATE_EXCL = SFTP_FLAG_CREATE | SFTP_FLAG_EXCL | SFTP_FLAG_WRITE
 #: exclusive opens tried when the path vanished between the failure and lstat
 _EXCL_ATTEMPTS = 3
 
 
 class SftpFS:
-    def __init__(self, sftp: paramiko.SFTPClient, own_uid: int = 0) -> None:
+    def __init__(
+        self, sftp: paramiko.SFTPClient, own_uid: int = 0, swept: set[int] | None = None
+    ) -> None:
         self.sftp = sftp
         self.own_uid = own_uid
+        #: the users whose directory was swept over this connection (kept by the pool)
+        self.swept: set[int] = swept if swept is not None else set()
 
     def lstat(self, path: str) -> FileInfo | None:
         try:
@@ -51,20 +71,26 @@ class SftpFS:
         self.sftp.chmod(path, mode)
 
     def create(self, path: str, data: bytes, mode: int, owner: Owner, mtime: int | None) -> bool:
-        handle = self._open_exclusive(path)
+        handle = self._open_exclusive(path, mode)
         if handle is None:
             return False
         ok = False
         try:
-            handle.chmod(mode)
-            if owner is not None:
-                handle.chown(*owner)
             if data:
                 handle.write(data)
                 handle.flush()
+            if owner is not None or mtime is not None:
+                # The mode again (a umask on the server may have narrowed the
+                # open's), the owner and the mtime: one request, on the handle.
+                attrs = SFTPAttributes()
+                attrs.st_mode = mode
+                if owner is not None:
+                    attrs.st_uid, attrs.st_gid = owner
+                if mtime is not None:
+                    attrs.st_atime = attrs.st_mtime = mtime
+                self._fsetstat(handle, attrs)
+            if data:
                 _fsync(self.sftp, handle)
-            if mtime is not None:
-                handle.utime((mtime, mtime))
             ok = True
         finally:
             handle.close()
@@ -72,7 +98,7 @@ class SftpFS:
                 self.remove(path)
         return True
 
-    def _open_exclusive(self, path: str) -> Any:
+    def _open_exclusive(self, path: str, mode: int) -> Any:
         """The new file's handle, or None if ``path`` exists.
 
         SFTP has no EEXIST: OpenSSH answers an exclusive open of an existing
@@ -85,13 +111,26 @@ class SftpFS:
         attempt = 1
         while True:
             try:
-                return self.sftp.open(path, _CREATE_EXCL)
+                return self._open(path, mode)
             except OSError as exc:
                 if self.lstat(path) is not None:
                     return None
                 if exc.errno is not None or attempt >= _EXCL_ATTEMPTS:
                     raise  # a specific answer (no such directory, denied), or for good
             attempt += 1
+
+    def _open(self, path: str, mode: int) -> SFTPFile:
+        """paramiko's ``open(path, "wx")``, with ``mode`` in the request (paramiko
+        sends no attributes: the file would be made 0666 less the server's umask)."""
+        attrs = SFTPAttributes()
+        attrs.st_mode = mode
+        kind, msg = _request(self.sftp, CMD_OPEN, path, _CREATE_EXCL, attrs)
+        if kind != CMD_HANDLE:
+            raise SFTPError("Expected handle")
+        return SFTPFile(self.sftp, msg.get_binary(), "wx")
+
+    def _fsetstat(self, handle: Any, attrs: SFTPAttributes) -> None:
+        _request(self.sftp, CMD_FSETSTAT, handle.handle, attrs)
 
     def rename(self, src: str, dst: str) -> None:
         self.sftp.posix_rename(src, dst)
@@ -123,9 +162,14 @@ class SftpFS:
         return True
 
 
+def _request(sftp: paramiko.SFTPClient, kind: int, *args: Any) -> Any:
+    """One request and its answer (paramiko's own; it has no public call for these)."""
+    request: Any = sftp._request  # type: ignore[attr-defined]
+    return request(kind, *args)
+
+
 def _fsync(sftp: paramiko.SFTPClient, handle: Any) -> None:
     """OpenSSH's fsync@openssh.com (paramiko has no call for it); servers
     without the extension just skip the sync."""
-    request: Any = sftp._request  # type: ignore[attr-defined]
     with contextlib.suppress(SFTPError, OSError):
-        request(CMD_EXTENDED, "fsync@openssh.com", handle.handle)
+        _request(sftp, CMD_EXTENDED, "fsync@openssh.com", handle.handle)

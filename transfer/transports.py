@@ -101,7 +101,13 @@ class SshTransport:
         self.pool = SshPool(config.ssh)
 
     def put(self, node: str, tf: TokenFile) -> str:
-        return self._twice(node, lambda fs: nodefs.install(fs, self.remote_dir, tf))
+        def install(fs: SftpFS) -> str:
+            # One look for a dead pusher's temporary files per user and connection.
+            outcome = nodefs.install(fs, self.remote_dir, tf, sweep=tf.uid not in fs.swept)
+            fs.swept.add(tf.uid)
+            return outcome
+
+        return self._twice(node, install)
 
     def remove(self, node: str, uid: int) -> bool:
         return self._twice(node, lambda fs: nodefs.remove(fs, self.remote_dir, uid))

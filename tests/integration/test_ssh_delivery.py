@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import paramiko.sftp
 import pytest
 
 from producer.mint import Minter
@@ -222,3 +223,41 @@ def replace_transport(site: Site, transport: SshTransport) -> DeliveryCycle:
     return DeliveryCycle(
         site.store, transport, cycle.jobs, cycle.remove_after, concurrency=1, clock=site.clock
     )
+
+
+def test_a_warm_install_is_a_dozen_requests_and_a_new_connection_sweeps(site: Site) -> None:
+    """A warm push of a newer token costs 13 SFTP round trips (open with the mode,
+    one FSETSTAT for mode, owner and mtime, no directory listing once the user's
+    directory was swept over this connection); a temporary file that a killed
+    pusher left is removed by the first install over a new connection."""
+    record = site.mint()
+    assert site.cycle.run().delivered == 3
+    requests: list[int] = []
+    sftp = site.transport.pool._conns["node01"].sftp
+    real = sftp._async_request  # every request goes through it (writes directly)
+
+    def counted(fileobj: object, kind: int, *args: object) -> object:
+        requests.append(kind)
+        return real(fileobj, kind, *args)
+
+    sftp._async_request = counted  # type: ignore[method-assign]
+    site.clock.advance(100)
+    newer = site.mint()
+    assert site.cycle.run(node="node01").delivered == 1
+    site.check("node01", newer)
+    assert len(requests) == 13, requests
+    assert paramiko.sftp.CMD_OPENDIR not in requests
+
+    # A pusher killed between its temporary file and the rename left this:
+    user_dir = f"/run/tokenlife/{record.uid}"
+    left = site.nodes["node01"].path(f"{user_dir}/.slurm_jwt.{newer.iat - 1}.0123456789ab.tmp")
+    left.write_bytes(b"old")
+    restarted = SshTransport(DeliveryConfig(transport="ssh", ssh=site.transport.pool.config))
+    try:
+        site.clock.advance(100)
+        newest = site.mint()
+        assert replace_transport(site, restarted).run(node="node01").delivered == 1
+        site.check("node01", newest)
+        assert site.nodes["node01"].listdir(user_dir) == ["slurm_jwt"]
+    finally:
+        restarted.close()

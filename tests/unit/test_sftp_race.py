@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from paramiko.sftp_attr import SFTPAttributes
 
 from tokenlife.interfaces import Owner
 from tokenlife.records import TokenFile
 from transfer import nodefs
 from transfer.localfs import LocalFS
-from transfer.sftpfs import SftpFS
+from transfer.sftpfs import SftpFS as RealSftpFS
 
 BASE = "/run/tokenlife"
 LOCK = f"{BASE}/.lock.4242"
@@ -132,6 +133,24 @@ class FakeSftp:
 
     def _request(self, *args: Any) -> None:  # fsync@openssh.com
         pass
+
+
+class SftpFS(RealSftpFS):
+    """SftpFS with its two raw requests (OPEN with attributes, FSETSTAT) made
+    through the fake's paramiko-style calls."""
+
+    def _open(self, path: str, mode: int) -> Any:
+        handle = self.sftp.open(path, "wx")
+        handle.chmod(mode)  # the OPEN request carries the mode
+        return handle
+
+    def _fsetstat(self, handle: Any, attrs: SFTPAttributes) -> None:
+        if attrs.st_mode is not None:
+            handle.chmod(attrs.st_mode)
+        if attrs.st_uid is not None and attrs.st_gid is not None:
+            handle.chown(attrs.st_uid, attrs.st_gid)
+        if attrs.st_mtime is not None:
+            handle.utime((attrs.st_atime, attrs.st_mtime))
 
 
 def _token(version: int = 1) -> TokenFile:
