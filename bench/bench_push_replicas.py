@@ -1,4 +1,4 @@
-"""Delivery replicas in a rotation storm: one replica, two replicas, and what claims cost.
+r"""Delivery replicas in a rotation storm: one replica, two replicas, and what claims cost.
 
 Every user's token has been renewed and every (user, node) pair is owed the
 new version: by default 1,000 users, each with work on 10 of 100 nodes, so
@@ -43,10 +43,48 @@ Two tables:
 Runs are repeated (``--repeat``), the modes alternating, and the medians
 shown: on a shared 2-core machine one run can be off by 20%.
 
+SSH mode (``--transport ssh``): the same storm over SSH to real OpenSSH nodes
+(``tests/integration/harness/sshnodes.py``: one sshd per node on 127.0.x.y,
+each with its own host key and a private tmpfs on /run/tokenlife; needs
+sshd, unshare, nsenter), 1,000 of them by default (``--nodes``), so each node
+holds 10 users.  They are started once, before any clock runs, with sshd at
+LogLevel INFO and internal-sftp at ERROR (Debian's defaults).  The storm's
+node names (n0000 ...) reach them through an ssh_config of this bench (Host
+n0000 / HostName 127.0.0.2 / Port P; the harness's known_hosts lists the
+nodes by address and port, so it serves as it is), and the bench seeds and
+checks their files through a directory of symlinks to each node's
+``/proc/HOLDER/root``; every node's /run/tokenlife is emptied before each
+run.  Each replica is a new process with an ``SshTransport`` (as ``tokenlife
+push`` builds it: delivery.ssh.identity_file, known_hosts, ssh_config,
+concurrency, max_connections) whose pool starts empty: it connects to every
+node it pushes to.  Each replica raises its open-files limit as serve and
+push do (tokenlife/app/fdlimit.py).  Defaults there: 32 threads only (2
+threads over SSH just wait), the replicas table only (``--only
+replicas,claims`` for both), and ``--max-connections`` at
+delivery.ssh.max_connections' default (4096: no bound at 1,000 nodes); a
+list, e.g. 4096,256, makes rows per bound.  Below the node count each
+replica closes idle connections and reconnects as it goes: the storm walks
+the records in id order, user by user, so a node comes round again only
+after every other node, and almost every push reconnects.  Both tables then
+have a "max conn" column, and a third table shows, per replica, what the
+issue asks to bound: peak open file descriptors, peak threads and peak RSS
+(VmHWM), sampled from /proc every 100 ms by this process (and each
+replica's own count at its end); its connections opened (``SshPool._connect``
+calls, and the distinct nodes they went to); the nodes' peak of established
+SSH connections (sshd sessions, from /proc/net/tcp); and the machine's
+MemAvailable before the run and its lowest during it.  Replicas, sshds and
+PostgreSQL share this machine's CPUs.
+
 Run as root:  .venv/bin/python bench/bench_push_replicas.py
 Quick check:  .venv/bin/python bench/bench_push_replicas.py --users 200 --repeat 1
-Options: --users, --per-user, --nodes, --repeat, --concurrency 32,2 (threads per
-         replica: each in turn), --only replicas,claims, --nodes-on tmpfs|disk
+SSH mode:     .venv/bin/python bench/bench_push_replicas.py --transport ssh
+              (... --max-connections 4096,256 adds the rows of a bound below 1,000 nodes)
+Quick check:  .venv/bin/python bench/bench_push_replicas.py --transport ssh \
+                  --nodes 50 --users 50 --repeat 1
+Options: --users, --per-user, --nodes (100; ssh: 1000), --repeat, --concurrency 32,2
+         (threads per replica: each in turn; ssh: 32), --only replicas,claims (ssh:
+         replicas), --nodes-on tmpfs|disk (local only), --transport local|ssh,
+         --max-connections 4096 (ssh only; a list: each in turn)
 """
 
 from __future__ import annotations
@@ -56,6 +94,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -81,20 +120,26 @@ from tests.integration.harness.deliver_worker import (  # noqa: E402
     REMOTE_DIR,
     Storm,
     node_file,
+    node_name,
     open_store,
     outcome,
     renew,
     seed,
 )
 from tests.integration.harness.postgres import PostgresServer  # noqa: E402
+from tests.integration.harness.sshnodes import SshNodes  # noqa: E402
+from tokenlife.app import fdlimit  # noqa: E402
+from tokenlife.config import Config, DeliveryConfig, SshConfig  # noqa: E402
 from tokenlife.records import ACTIVE, DeliveryResult, DeliveryTask, TokenFile  # noqa: E402
 from tokenlife.testing.fakes import FakeClock  # noqa: E402
 from transfer.cycle import BATCH, DeliveryCycle  # noqa: E402
-from transfer.transports import LocalTransport  # noqa: E402
+from transfer.transports import LocalTransport, SshTransport  # noqa: E402
 
 NOW = 1_800_000_000
 CONCURRENCY = 32  # delivery.ssh.concurrency's default
+MAX_CONNECTIONS = SshConfig().max_connections  # delivery.ssh.max_connections' default
 RENEW_WHEN = 0.3  # users with deliveries in flight are renewed once this share is recorded
+SAMPLE_EVERY = 0.1  # seconds between two looks at the replicas' /proc (ssh mode)
 
 
 # -- the replica process ---------------------------------------------------------------------
@@ -111,6 +156,46 @@ class TracingTransport(LocalTransport):
         result = super().put(node, tf)
         self.trace.append((tf.user, node, tf.version, result))  # list.append: atomic
         return result
+
+
+class TracingSshTransport(SshTransport):
+    """The SSH transport (as ``tokenlife push`` builds it), noting every push as
+    TracingTransport does, and every connection its pool opens."""
+
+    def __init__(self, config: DeliveryConfig) -> None:
+        super().__init__(config)
+        self.trace: list[tuple[str, str, int, str]] = []
+        self.connects: list[str] = []  # the node of each SshPool._connect call
+        connect = self.pool._connect
+
+        def counted(node: str) -> Any:
+            self.connects.append(node)
+            return connect(node)
+
+        self.pool._connect = counted  # type: ignore[method-assign]
+
+    def put(self, node: str, tf: TokenFile) -> str:
+        result = super().put(node, tf)
+        self.trace.append((tf.user, node, tf.version, result))
+        return result
+
+
+def usage(pid: int | str) -> dict[str, int] | None:
+    """A process's open file descriptors, threads and peak RSS (VmHWM, kB), from
+    /proc; None once it is gone."""
+    try:
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if "VmHWM" not in fields:  # a zombie
+        return None
+    return {
+        "fds": fds,
+        "threads": int(fields["Threads"]),
+        "hwm_kb": int(fields["VmHWM"].split()[0]),
+    }
 
 
 # The cycle as it was before claims (release 0.x, transfer/cycle.py and
@@ -195,7 +280,24 @@ def worker() -> int:
     job = json.loads(sys.stdin.readline())
     store = SqlTokenStore(job["url"])
     store.current("nobody")  # engine and migrations before the clock runs
-    transport = TracingTransport(Path(REMOTE_DIR), Path(job["root"]))
+    transport: TracingTransport | TracingSshTransport
+    if job.get("ssh") is None:
+        transport = TracingTransport(Path(REMOTE_DIR), Path(job["root"]))
+    else:
+        ssh = job["ssh"]
+        delivery = DeliveryConfig(
+            transport="ssh",
+            remote_dir=Path(REMOTE_DIR),
+            ssh=SshConfig(
+                identity_file=Path(ssh["identity_file"]),
+                known_hosts=Path(ssh["known_hosts"]),
+                ssh_config=Path(ssh["ssh_config"]),
+                concurrency=job["concurrency"],
+                max_connections=ssh["max_connections"],
+            ),
+        )
+        fdlimit.ensure(Config(delivery=delivery))  # as serve and push do
+        transport = TracingSshTransport(delivery)  # its pool empty: a cold start
     cycle = DeliveryCycle(
         store,
         transport,
@@ -215,6 +317,11 @@ def worker() -> int:
         summary = cycle.run().as_dict()
     end, cpu = time.time(), time.process_time() - cpu
     result = {**summary, "start": start, "end": end, "cpu": cpu, "trace": transport.trace}
+    if isinstance(transport, TracingSshTransport):
+        # At its end, every connection still pooled: its peak, unless the pool shrank.
+        result["connects"] = len(transport.connects)
+        result["connected_nodes"] = len(set(transport.connects))
+        result["usage"] = usage("self")
     print(json.dumps(result), file=out, flush=True)
     store.close()
     return 0
@@ -245,6 +352,10 @@ class Replica:
             raise SystemExit(f"a replica died (exit {self.proc.wait()})")
         return line.rstrip("\n")
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def ready(self) -> None:
         if self._line() != "ready":
             raise SystemExit("a replica did not start")
@@ -274,14 +385,140 @@ class Run:
     cpu: list[float] = field(default_factory=list)
     renewed: int = 0  # users renewed mid-storm
     store_cpu: float = 0.0  # the PostgreSQL server's CPU seconds (0 on SQLite)
+    # ssh mode: per replica, failed pushes, connections opened, peaks
+    failed: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    connects: list[int] = field(default_factory=list)
+    connected_nodes: list[int] = field(default_factory=list)  # distinct nodes connected to
+    fds: list[int] = field(default_factory=list)
+    threads: list[int] = field(default_factory=list)
+    hwm_kb: list[int] = field(default_factory=list)
+    sessions: int = 0  # the nodes' peak of established SSH connections
+    mem_avail: tuple[int, int] = (0, 0)  # MemAvailable (kB) before the run, its lowest in it
+
+
+# -- ssh mode: real sshd nodes under the storm's node names -------------------------------------
+
+
+class SshSite:
+    """``count`` OpenSSH nodes (SshNodes), reachable as the storm's n0000 ...
+
+    ``links/n0000`` is a symlink to node01's ``/proc/HOLDER/root``, so the
+    storm's seed(), outcome() and node_file() reach each node's own files.
+    """
+
+    def __init__(self, work: Path, count: int) -> None:
+        self.nodes = SshNodes(work / "ssh", count, log_level="INFO", sftp_log_level="ERROR")
+        self.links = work / "node-roots"
+        self.ssh_config = work / "storm_ssh_config"
+        self.names = [node_name(i) for i in range(count)]
+
+    def start(self) -> None:
+        self.nodes.start()
+        self.ssh_config.write_text(
+            "# bench_push_replicas: the storm's node names to the SshNodes nodes\n"
+            + "".join(
+                f"Host {name}\n    HostName {node.address}\n    Port {node.port}\n"
+                for name, node in zip(self.names, self.nodes, strict=True)
+            )
+        )
+        self.links.mkdir()
+        for name, node in zip(self.names, self.nodes, strict=True):
+            (self.links / name).symlink_to(node.root)
+
+    def clear(self) -> None:
+        """Empty every node's /run/tokenlife (through its own root, not a link's)."""
+        for node in self.nodes:
+            base = node.path(REMOTE_DIR)
+            for entry in os.scandir(base):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+
+    def job(self, max_connections: int) -> dict[str, Any]:
+        """The worker's delivery.ssh settings."""
+        return {
+            "identity_file": str(self.nodes.client_key),
+            "known_hosts": str(self.nodes.known_hosts),
+            "ssh_config": str(self.ssh_config),
+            "max_connections": max_connections,
+        }
+
+    def sessions(self) -> int:
+        """Established TCP connections to the nodes' sshd (their shared port)."""
+        port = f"{self.nodes.port:04X}"
+        count = 0
+        with open("/proc/net/tcp") as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split(maxsplit=4)
+                if fields[3] == "01" and fields[1].endswith(f":{port}"):
+                    count += 1
+        return count
+
+    def stop(self) -> None:
+        self.nodes.stop()
+
+
+def mem_available() -> int:
+    """The machine's MemAvailable, kB."""
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Sampler:
+    """While a run lasts, every SAMPLE_EVERY s: each replica's open fds, threads and
+    VmHWM (peaks kept), the nodes' established SSH connections (every 5th look:
+    /proc/net/tcp lists them all) and the machine's MemAvailable (lowest kept)."""
+
+    def __init__(self, pids: list[int], site: SshSite) -> None:
+        self.pids, self.site = pids, site
+        self.fds = [0] * len(pids)
+        self.threads = [0] * len(pids)
+        self.hwm_kb = [0] * len(pids)
+        self.sessions = 0
+        self.avail = self.lowest = mem_available()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def note(self, i: int, seen: dict[str, int] | None) -> None:
+        if seen is not None:
+            self.fds[i] = max(self.fds[i], seen["fds"])
+            self.threads[i] = max(self.threads[i], seen["threads"])
+            self.hwm_kb[i] = max(self.hwm_kb[i], seen["hwm_kb"])
+
+    def _loop(self) -> None:
+        looks = 0
+        while True:
+            for i, pid in enumerate(self.pids):
+                self.note(i, usage(pid))
+            if looks % 5 == 0:
+                self.sessions = max(self.sessions, self.site.sessions())
+            self.lowest = min(self.lowest, mem_available())
+            looks += 1
+            if self._stop.wait(SAMPLE_EVERY):
+                return
 
 
 class Bench:
-    def __init__(self, work: Path, nodes: Path, storm: Storm) -> None:
+    def __init__(self, work: Path, nodes: Path, storm: Storm, site: SshSite | None = None) -> None:
         self.work = work
         self.nodes = nodes
         self.storm = storm
+        self.site = site  # ssh mode: the sshd nodes
         self.concurrency = CONCURRENCY  # of the runs to come
+        self.max_connections = MAX_CONNECTIONS  # of the runs to come (ssh mode)
         self.pg = PostgresServer(parent=work)
         self.pg.start()
         self.rounds = 0
@@ -290,6 +527,9 @@ class Bench:
     def fresh(self, backend: str) -> tuple[str, Path]:
         self.rounds += 1
         root = self.nodes / f"nodes-{self.rounds}"
+        if self.site is not None:
+            self.site.clear()
+            root = self.site.links
         if backend == "sqlite":
             url = f"sqlite:///{self.work}/store-{self.rounds}/tokenlife.db"
         else:
@@ -301,7 +541,8 @@ class Bench:
         return url, root
 
     def drop(self, backend: str, url: str, root: Path) -> None:
-        shutil.rmtree(root, ignore_errors=True)
+        if self.site is None:  # ssh mode: the next fresh() empties the nodes
+            shutil.rmtree(root, ignore_errors=True)
         if backend == "postgresql":
             self.pg.drop_database(make_url(url).database or "")
         else:
@@ -336,6 +577,8 @@ class Bench:
             "concurrency": self.concurrency,
             "previous": previous,
         }
+        if self.site is not None:
+            job["ssh"] = self.site.job(self.max_connections)
         procs = [Replica({**job, "actor": f"replica-{i}"}) for i in range(replicas)]
         for proc in procs:
             proc.ready()
@@ -344,6 +587,10 @@ class Bench:
         stop = threading.Event()
         self.renewed = 0
         renewer = threading.Thread(target=self._renew_midway, args=(url, stop), daemon=True)
+        sampler = None
+        if self.site is not None:
+            sampler = Sampler([proc.pid for proc in procs], self.site)
+            sampler.start()
         if race:
             renewer.start()
         for proc in procs:
@@ -352,6 +599,8 @@ class Bench:
         stop.set()
         if race:
             renewer.join()
+        if sampler is not None:
+            sampler.stop()
         after = os.getloadavg()[0]
         store_cpu = self.store_cpu() - store_cpu
         wall = max(r["end"] for r in results) - min(r["start"] for r in results)
@@ -373,7 +622,7 @@ class Bench:
         catch_up.go()
         catch_up.result()
         seen = outcome(url, self.storm, root)
-        return Run(
+        run = Run(
             wall,
             len(traces),
             [len(r["trace"]) for r in results],
@@ -385,6 +634,17 @@ class Bench:
             self.renewed,
             store_cpu,
         )
+        if sampler is not None:
+            for i, r in enumerate(results):
+                sampler.note(i, r["usage"])  # its own count at its end
+            run.failed = [r["failed"] for r in results]
+            run.errors = [e for r in results for e in r["errors"]]
+            run.connects = [r["connects"] for r in results]
+            run.connected_nodes = [r["connected_nodes"] for r in results]
+            run.fds, run.threads, run.hwm_kb = sampler.fds, sampler.threads, sampler.hwm_kb
+            run.sessions = sampler.sessions
+            run.mem_avail = (sampler.avail, sampler.lowest)
+        return run
 
     def _renew_midway(self, url: str, stop: threading.Event) -> None:
         """Once RENEW_WHEN of the pairs are recorded, renew the users whose
@@ -430,15 +690,26 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def timed(label: str, bench: Bench, backend: str, replicas: int, previous: bool, race: bool) -> Run:
     """One run (``Bench.run``), with a progress line on stderr."""
     label = f"{label} (concurrency {bench.concurrency})"
+    if bench.site is not None:
+        label = f"{label[:-1]}, max_connections {bench.max_connections})"
     print(f"  {label} ...", end="", flush=True, file=sys.stderr)
     start = time.perf_counter()
     result = bench.run(backend, replicas, previous, race)
     cpu = "+".join(f"{c:.2f}" for c in result.cpu)
+    ssh = ""
+    if bench.site is not None:
+        ssh = (
+            f", failed {'+'.join(map(str, result.failed))}, "
+            f"connects {'+'.join(map(str, result.connects))}, "
+            f"peak fds {'+'.join(map(str, result.fds))}, sshd sessions {result.sessions}"
+        )
     print(
         f" {time.perf_counter() - start:.1f} s (cycle {result.wall:.2f} s, cpu {cpu} s, "
-        f"store cpu {result.store_cpu:.2f} s)",
+        f"store cpu {result.store_cpu:.2f} s{ssh})",
         file=sys.stderr,
     )
+    for error in result.errors[:3]:
+        print(f"    failed: {error}", file=sys.stderr)
     return result
 
 
@@ -446,7 +717,13 @@ def median_run(runs: list[Run]) -> Run:
     return sorted(runs, key=lambda r: r.wall)[len(runs) // 2]
 
 
-def replicas_rows(bench: Bench, repeat: int) -> list[list[str]]:
+def each(values: list[int], fmt: str = "{}") -> str:
+    """Per-replica values: ``a/b``."""
+    return "/".join(fmt.format(v) for v in values)
+
+
+def replicas_rows(bench: Bench, repeat: int) -> tuple[list[list[str]], list[list[str]]]:
+    """The replicas table's rows, and (ssh mode) the resources table's."""
     runs: dict[int, list[Run]] = {1: [], 2: []}
     for i in range(repeat):
         for n in (1, 2):
@@ -455,7 +732,8 @@ def replicas_rows(bench: Bench, repeat: int) -> list[list[str]]:
     # Rates, not wall times: the mid-storm renewal adds a few hundred pushes,
     # more with two replicas (more deliveries on their way at that moment).
     one = statistics.median(r.pushes / r.wall for r in runs[1])
-    rows = []
+    rows, usage_rows = [], []
+    bound = [] if bench.site is None else [str(bench.max_connections)]
     for n in (1, 2):
         wall = statistics.median(r.wall for r in runs[n])
         rate = statistics.median(r.pushes / r.wall for r in runs[n])
@@ -465,6 +743,7 @@ def replicas_rows(bench: Bench, repeat: int) -> list[list[str]]:
         rows.append(
             [
                 str(bench.concurrency),
+                *bound,
                 str(n),
                 f"{wall:.2f} s",
                 f"{rate:,.0f}/s",
@@ -479,16 +758,35 @@ def replicas_rows(bench: Bench, repeat: int) -> list[list[str]]:
                 target,
             ]
         )
-    return rows
+        if bench.site is not None:
+            before, lowest = last.mem_avail
+            usage_rows.append(
+                [
+                    str(bench.concurrency),
+                    *bound,
+                    str(n),
+                    str(sum(sum(r.failed) for r in runs[n])),
+                    f"{each(last.connects)} ({each(last.connected_nodes)})",
+                    each(last.fds),
+                    each(last.threads),
+                    each([kb // 1024 for kb in last.hwm_kb], "{} MiB"),
+                    str(last.sessions),
+                    f"{before / 2**20:.1f} -> {lowest / 2**20:.1f} GiB",
+                ]
+            )
+    return rows, usage_rows
 
 
 REPLICAS_HEADER = ["threads", "replicas", "wall", "pushes", "vs 1", "split", "renewed"]
 REPLICAS_HEADER += ["doubles", "older>newer", "missed", "cpu s / store", "load (1 min) per run"]
 REPLICAS_HEADER += ["target"]
+USAGE_HEADER = ["threads", "max conn", "replicas", "failed", "connects", "peak fds"]
+USAGE_HEADER += ["peak threads", "peak RSS (VmHWM)", "sshd sessions", "MemAvailable"]
 
 
 def claims_rows(bench: Bench, repeat: int) -> list[list[str]]:
     rows = []
+    bound = [] if bench.site is None else [str(bench.max_connections)]
     for backend in ("postgresql", "sqlite"):
         walls: dict[bool, list[float]] = {True: [], False: []}
         for i in range(repeat):
@@ -503,6 +801,7 @@ def claims_rows(bench: Bench, repeat: int) -> list[list[str]]:
         rows.append(
             [
                 str(bench.concurrency),
+                *bound,
                 backend,
                 f"{before:.2f} s",
                 f"{now:.2f} s",
@@ -516,54 +815,114 @@ def claims_rows(bench: Bench, repeat: int) -> list[list[str]]:
 CLAIMS_HEADER = ["threads", "backend", "previous cycle", "with claims", "ratio", "target"]
 
 
+def with_bound(header: list[str]) -> list[str]:
+    """A header with ssh mode's "max conn" column after "threads"."""
+    return [header[0], "max conn", *header[1:]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--per-user", type=int, default=10)
-    parser.add_argument("--nodes", type=int, default=100)
+    parser.add_argument("--nodes", type=int, help="default 100; ssh: 1000")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--concurrency", default=f"{CONCURRENCY},2", help="threads per replica")
-    parser.add_argument("--only", default="replicas,claims")
-    parser.add_argument("--nodes-on", choices=("tmpfs", "disk"), default="tmpfs")
+    parser.add_argument(
+        "--concurrency", help=f"threads per replica (default {CONCURRENCY},2; ssh: {CONCURRENCY})"
+    )
+    parser.add_argument("--only", help="default replicas,claims; ssh: replicas")
+    parser.add_argument("--nodes-on", choices=("tmpfs", "disk"), help="local only; default tmpfs")
+    parser.add_argument("--transport", choices=("local", "ssh"), default="local")
+    parser.add_argument(
+        "--max-connections",
+        help=f"ssh only: delivery.ssh.max_connections, each in turn (default {MAX_CONNECTIONS})",
+    )
     args = parser.parse_args()
     if args.worker:
         sys.exit(worker())
+    ssh = args.transport == "ssh"
+    if ssh and args.nodes_on is not None:
+        raise SystemExit("--nodes-on is for the local transport (each sshd node has its tmpfs)")
+    if not ssh and args.max_connections is not None:
+        raise SystemExit("--max-connections is for --transport ssh")
+    args.nodes = args.nodes or (1000 if ssh else 100)
+    args.concurrency = args.concurrency or (str(CONCURRENCY) if ssh else f"{CONCURRENCY},2")
+    args.only = args.only or ("replicas" if ssh else "replicas,claims")
+    args.nodes_on = args.nodes_on or "tmpfs"
+    bounds = [int(n) for n in (args.max_connections or str(MAX_CONNECTIONS)).split(",")]
     if os.geteuid() != 0:
         raise SystemExit("run as root (PostgreSQL harness, file owners)")
     storm = Storm(args.users, args.per_user, args.nodes, NOW)
+    threads = [int(n) for n in args.concurrency.split(",")]
+    if ssh and min(bounds) < max(threads):  # as the configuration refuses it
+        raise SystemExit("delivery.ssh.max_connections must be at least its concurrency")
+    if ssh:
+        # A kill must still stop the nodes (finally below).
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="tl-bench-push-replicas-"))
     os.chmod(work, 0o755)  # the postgres user reaches its data directory through it
-    nodes = work if args.nodes_on == "disk" else Path(tempfile.mkdtemp(dir="/dev/shm"))
-    bench = Bench(work, nodes, storm)
-    threads = [int(n) for n in args.concurrency.split(",")]
+    site = None
+    if ssh:
+        nodes = work
+    else:
+        nodes = work if args.nodes_on == "disk" else Path(tempfile.mkdtemp(dir="/dev/shm"))
     only = set(args.only.split(","))
+    bench = None
     try:
+        if ssh:
+            site = SshSite(work, args.nodes)
+            site.start()
+        bench = Bench(work, nodes, storm, site)
+        where = f"local transport on {args.nodes_on}"
+        if site is not None:
+            where = (
+                f"ssh transport to {args.nodes} sshd nodes (started in "
+                f"{site.nodes.start_seconds or 0:.1f} s, not timed)"
+            )
         print(
             f"rotation storm: {args.users:,} users x {args.per_user} of {args.nodes} nodes = "
-            f"{len(storm.pairs()):,} deliveries; local transport on {args.nodes_on}; "
+            f"{len(storm.pairs()):,} deliveries; {where}; "
             f"batch {BATCH}; {os.cpu_count()} CPUs; medians of {args.repeat} run(s)"
         )
-        tables: dict[str, list[list[str]]] = {"replicas": [], "claims": []}
+        tables: dict[str, list[list[str]]] = {"replicas": [], "claims": [], "usage": []}
         for n in threads:
             bench.concurrency = n
-            if "replicas" in only:
-                tables["replicas"] += replicas_rows(bench, args.repeat)
-            if "claims" in only:
-                tables["claims"] += claims_rows(bench, args.repeat)
+            for bound in bounds if ssh else [MAX_CONNECTIONS]:
+                bench.max_connections = bound
+                if "replicas" in only:
+                    rows, usage_rows = replicas_rows(bench, args.repeat)
+                    tables["replicas"] += rows
+                    tables["usage"] += usage_rows
+                if "claims" in only:
+                    tables["claims"] += claims_rows(bench, args.repeat)
+        replicas_header, claims_header = REPLICAS_HEADER, CLAIMS_HEADER
+        if ssh:
+            replicas_header, claims_header = with_bound(replicas_header), with_bound(claims_header)
         if tables["replicas"]:
             print()
             print("replicas (PostgreSQL; the users whose deliveries are on their way when 30% are")
             print("recorded are renewed again: their nodes are owed the next version mid-storm)")
-            print(table(REPLICAS_HEADER, tables["replicas"]))
+            print(table(replicas_header, tables["replicas"]))
+        if tables["usage"]:
+            print()
+            print("each replica's peaks (a/b: replica 0/1), from /proc every 100 ms; connects =")
+            print("SshPool._connect calls (to how many nodes); sshd sessions = the nodes' peak of")
+            print("established SSH connections; MemAvailable = the machine's before the run ->")
+            print("its lowest in it")
+            print(table(USAGE_HEADER, tables["usage"]))
         if tables["claims"]:
             print()
             print("claims: a lone replica, next to the previous cycle (no claims)")
-            print(table(CLAIMS_HEADER, tables["claims"]))
+            print(table(claims_header, tables["claims"]))
     finally:
-        bench.close()
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(nodes, ignore_errors=True)
+        try:
+            if bench is not None:
+                bench.close()
+        finally:
+            if site is not None:
+                site.stop()
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(nodes, ignore_errors=True)
 
 
 if __name__ == "__main__":

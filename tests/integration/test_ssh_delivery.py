@@ -8,6 +8,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import paramiko.sftp
 import pytest
@@ -191,7 +192,7 @@ def test_a_pool_at_its_limit_closes_idle_sessions_and_still_delivers_everywhere(
         open_at_connect.append(len(transport.pool.connected()))
         return connect(node)
 
-    transport.pool._connect = counted  # type: ignore[method-assign]
+    transport.pool._connect = counted  # type: ignore[method-assign,assignment]
     cycle = replace_transport(site, transport)
 
     def seen(what: str) -> int:  # the nodes' logs run on across this module's tests
@@ -233,14 +234,14 @@ def test_a_warm_install_is_a_dozen_requests_and_a_new_connection_sweeps(site: Si
     record = site.mint()
     assert site.cycle.run().delivered == 3
     requests: list[int] = []
-    sftp = site.transport.pool._conns["node01"].sftp
+    sftp: Any = site.transport.pool._conns["node01"].sftp
     real = sftp._async_request  # every request goes through it (writes directly)
 
     def counted(fileobj: object, kind: int, *args: object) -> object:
         requests.append(kind)
         return real(fileobj, kind, *args)
 
-    sftp._async_request = counted  # type: ignore[method-assign]
+    sftp._async_request = counted
     site.clock.advance(100)
     newer = site.mint()
     assert site.cycle.run(node="node01").delivered == 1
