@@ -59,16 +59,39 @@ def file_path(base: str, uid: int) -> str:
     return _join(base, str(uid), FILE_NAME)
 
 
-def install(fs: NodeFS, base: str, tf: TokenFile, sweep: bool = True) -> str:
+def install(fs: NodeFS, base: str, tf: TokenFile, seen: set[str] | None = None) -> str:
     """Put ``tf`` at <base>/<uid>/slurm_jwt unless a newer token is there.
 
     Returns INSTALLED, UNCHANGED (this very token is there) or NEWER_THERE.
     Raises OSError or TransportError; nothing half-written stays behind.
-    ``sweep=False``: no look for a killed pusher's temporary files after an
-    install (four SFTP round trips of a dozen): for a caller that already
-    looked in this directory since it last lost a connection there.
+
+    ``seen``: what this caller already checked over the same connection to
+    the node, kept by it across calls (the SSH pool keeps one per
+    connection): the base directory, the user's directory, and the look for
+    a killed pusher's temporary files, each done once per connection rather
+    than at every install (4 of 13 SFTP round trips).  Only root can change
+    the base directory or take the user's directory away (``remove`` here
+    forgets it); a pusher that dies takes its connection with it, so the
+    next connection sweeps.  Any failure forgets everything seen.
     """
-    _ensure_dirs(fs, base, tf.uid, tf.gid)
+    known = seen if seen is not None else set()
+    trusted = bool(known)
+    try:
+        return _install(fs, base, tf, known)
+    except (OSError, TransportError):
+        known.clear()  # whatever went wrong, check everything again
+        if not trusted:
+            raise
+        # Something taken for granted may be what failed (root on the node
+        # removed the user's directory): once more, checking everything.
+        return _install(fs, base, tf, known)
+    except BaseException:
+        known.clear()
+        raise
+
+
+def _install(fs: NodeFS, base: str, tf: TokenFile, seen: set[str]) -> str:
+    _ensure_dirs(fs, base, tf.uid, tf.gid, seen)
     target = file_path(base, tf.uid)
     current = fs.lstat(target)
     if _same(current, tf) or (current is not None and current.mtime > tf.order):
@@ -88,8 +111,9 @@ def install(fs: NodeFS, base: str, tf: TokenFile, sweep: bool = True) -> str:
                 return UNCHANGED  # another pusher put this very token there meanwhile
             fs.rename(temp, target)
             renamed = True
-            if sweep:
+            if f"swept {user_dir(base, tf.uid)}" not in seen:
                 _sweep(fs, user_dir(base, tf.uid), older_than=tf.order)
+                seen.add(f"swept {user_dir(base, tf.uid)}")
             return INSTALLED
     finally:
         if not renamed:
@@ -110,8 +134,13 @@ def _create_temp(
     raise TransportError(f"temporary files in {directory} keep existing")
 
 
-def remove(fs: NodeFS, base: str, uid: int) -> bool:
-    """Delete the user's token file (and directory, if empty); True if one was there."""
+def remove(fs: NodeFS, base: str, uid: int, seen: set[str] | None = None) -> bool:
+    """Delete the user's token file (and directory, if empty); True if one was there.
+
+    ``seen``: as for ``install``, which must check the user's directory again.
+    """
+    if seen is not None:
+        seen.discard(f"dir {user_dir(base, uid)}")
     if fs.lstat(user_dir(base, uid)) is None:
         return False
     with _Lock(fs, _join(base, f".lock.{uid}")):
@@ -239,18 +268,22 @@ def _against(fs: NodeFS, sf: ServiceFile, read: Callable[[str], TokenView]) -> s
     return UNCHANGED if same else None
 
 
-def _ensure_dirs(fs: NodeFS, base: str, uid: int, gid: int) -> None:
-    info = fs.lstat(base)
-    if info is None:
-        fs.mkdir(base, 0o755, None)
-    elif not info.is_dir:
-        raise TransportError(f"{base} is not a directory")
-    elif info.uid != fs.own_uid or stat.S_IMODE(info.mode) & 0o022:
-        # The per-user locks live here: users must not be able to touch them.
-        raise TransportError(
-            f"{base} must be owned by uid {fs.own_uid} and not group/world-writable"
-        )
+def _ensure_dirs(fs: NodeFS, base: str, uid: int, gid: int, seen: set[str]) -> None:
+    if f"base {base}" not in seen:
+        info = fs.lstat(base)
+        if info is None:
+            fs.mkdir(base, 0o755, None)
+        elif not info.is_dir:
+            raise TransportError(f"{base} is not a directory")
+        elif info.uid != fs.own_uid or stat.S_IMODE(info.mode) & 0o022:
+            # The per-user locks live here: users must not be able to touch them.
+            raise TransportError(
+                f"{base} must be owned by uid {fs.own_uid} and not group/world-writable"
+            )
+        seen.add(f"base {base}")
     path = user_dir(base, uid)
+    if f"dir {path}" in seen:
+        return
     info = fs.lstat(path)
     if info is None:
         fs.mkdir(path, 0o700, (uid, gid))
@@ -258,6 +291,7 @@ def _ensure_dirs(fs: NodeFS, base: str, uid: int, gid: int) -> None:
         raise TransportError(f"{path} is not a directory")
     elif (info.uid, info.gid, stat.S_IMODE(info.mode)) != (uid, gid, 0o700):
         fs.fix_dir(path, 0o700, (uid, gid))
+    seen.add(f"dir {path}")
 
 
 class _Lock:

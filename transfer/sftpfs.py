@@ -39,12 +39,12 @@ _EXCL_ATTEMPTS = 3
 
 class SftpFS:
     def __init__(
-        self, sftp: paramiko.SFTPClient, own_uid: int = 0, swept: set[int] | None = None
+        self, sftp: paramiko.SFTPClient, own_uid: int = 0, seen: set[str] | None = None
     ) -> None:
         self.sftp = sftp
         self.own_uid = own_uid
-        #: the users whose directory was swept over this connection (kept by the pool)
-        self.swept: set[int] = swept if swept is not None else set()
+        #: what transfer.nodefs checked over this connection (kept by the pool)
+        self.seen: set[str] = seen if seen is not None else set()
 
     def lstat(self, path: str) -> FileInfo | None:
         try:

@@ -57,10 +57,9 @@ class _Conn:
         self.uid = uid  # who we are on the node
         self.lock = threading.Lock()  # one operation per connection at a time
         self.users = 0  # callers holding it (the pool's guard counts them): never evicted then
-        #: users whose token directory was swept over this connection: a pusher
-        #: that dies leaves its temporary files behind, and its connection with
-        #: them, so a new connection looks again (transfer/nodefs.py)
-        self.swept: set[int] = set()
+        #: what transfer.nodefs checked over this connection (directories, sweeps):
+        #: a new connection checks again
+        self.seen: set[str] = set()
 
     def alive(self) -> bool:
         transport = self.client.get_transport()
@@ -197,7 +196,7 @@ class SshPool:
         try:
             with conn.lock:
                 try:
-                    yield SftpFS(conn.sftp, own_uid=conn.uid, swept=conn.swept)
+                    yield SftpFS(conn.sftp, own_uid=conn.uid, seen=conn.seen)
                 except (OSError, EOFError, paramiko.SSHException) as exc:
                     # The connection broke under us: drop it; the caller retries.
                     self._forget(node, conn)

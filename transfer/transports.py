@@ -101,16 +101,11 @@ class SshTransport:
         self.pool = SshPool(config.ssh)
 
     def put(self, node: str, tf: TokenFile) -> str:
-        def install(fs: SftpFS) -> str:
-            # One look for a dead pusher's temporary files per user and connection.
-            outcome = nodefs.install(fs, self.remote_dir, tf, sweep=tf.uid not in fs.swept)
-            fs.swept.add(tf.uid)
-            return outcome
-
-        return self._twice(node, install)
+        # What was checked over this connection is not checked again (nodefs.install).
+        return self._twice(node, lambda fs: nodefs.install(fs, self.remote_dir, tf, fs.seen))
 
     def remove(self, node: str, uid: int) -> bool:
-        return self._twice(node, lambda fs: nodefs.remove(fs, self.remote_dir, uid))
+        return self._twice(node, lambda fs: nodefs.remove(fs, self.remote_dir, uid, fs.seen))
 
     def put_file(self, node: str, sf: ServiceFile, read: Callable[[str], TokenView]) -> str:
         return self._twice(node, lambda fs: nodefs.install_file(fs, sf, read))

@@ -26,7 +26,7 @@ class FakeConn:
         self.uid = 0
         self.lock = threading.Lock()
         self.users = 0
-        self.swept: set[int] = set()
+        self.seen: set[str] = set()
         self.closed = False
 
     def alive(self) -> bool:
