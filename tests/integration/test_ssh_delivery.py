@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from tokenlife.config import Config, DeliveryConfig, SshConfig, TokenConfig
 from tokenlife.records import TokenRecord
 from tokenlife.testing.fakes import FakeClock, FakeJobs, StaticKeySource
 from transfer.cycle import DeliveryCycle
+from transfer.ssh import IDLE_POLL
 from transfer.transports import SshTransport
 
 NODES = ("node01", "node02", "node03")
@@ -187,11 +189,14 @@ def test_a_pool_at_its_limit_closes_idle_sessions_and_still_delivers_everywhere(
     ssh = replace(site.transport.pool.config, max_connections=1, concurrency=1)
     transport = SshTransport(DeliveryConfig(transport="ssh", ssh=ssh))
     open_at_connect: list[int] = []
+    opened: list[Any] = []
     connect = transport.pool._connect
 
     def counted(node: str) -> object:
         open_at_connect.append(len(transport.pool.connected()))
-        return connect(node)
+        conn = connect(node)
+        opened.append((conn, conn.client.get_transport()))
+        return conn
 
     transport.pool._connect = counted  # type: ignore[method-assign,assignment]
     cycle = replace_transport(site, transport)
@@ -215,6 +220,14 @@ def test_a_pool_at_its_limit_closes_idle_sessions_and_still_delivers_everywhere(
         leaves = seen("Close session:") - leaves_before
         assert logins == len(open_at_connect)
         assert leaves >= logins - 1  # every session but the pooled one was closed by us
+        # ... and paramiko's thread of each closed one ended with it, well before
+        # its idle poll (transfer.ssh.IDLE_POLL) would have noticed
+        pooled = list(transport.pool._conns.values())
+        closed = [t for c, t in opened if c not in pooled]
+        deadline = time.monotonic() + IDLE_POLL / 2
+        while any(t.is_alive() for t in closed) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(closed) == len(opened) - 1 and not any(t.is_alive() for t in closed)
     finally:
         transport.close()
 
