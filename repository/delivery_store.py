@@ -34,9 +34,11 @@ from sqlalchemy import (
     case,
     delete,
     insert,
+    literal,
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -196,15 +198,19 @@ class DeliveryStore:
         claim: str,
         lease: int,
         limit: int,
-        after: int = 0,
+        after: tuple[str, int] = ("", 0),
         user: str | None = None,
         node: str | None = None,
         due_by: int | None = None,
     ) -> DeliveryClaim:
         """Claim up to ``limit`` owed records that no live lease holds (one transaction).
 
-        Walks the records by id from ``after`` (the cycle's previous claim),
-        so a cycle looks at each record once however many batches it takes.
+        Walks the records by node, then id, from ``after`` (where the cycle's
+        previous claim stopped), so a cycle looks at each record once however
+        many batches it takes.  Node order keeps a node's deliveries together:
+        one connection serves them all (a pool smaller than the node count
+        does not reconnect for each), and replicas claiming at once take
+        different runs of nodes.
         """
         due = now if due_by is None else due_by
         with self.store.transaction() as s:
@@ -213,8 +219,13 @@ class DeliveryStore:
             query = (
                 select(_table)
                 .outerjoin(TokenRow, _CURRENT)
-                .where(_d.id > after, _d.next_attempt <= to_dt(due), _free(now), _OWED)
-                .order_by(_d.id)
+                .where(
+                    tuple_(_d.node, _d.id) > tuple_(literal(after[0]), literal(after[1])),
+                    _d.next_attempt <= to_dt(due),
+                    _free(now),
+                    _OWED,
+                )
+                .order_by(_d.node, _d.id)
                 .limit(limit)
             )
             query = _only(query, user, node)
@@ -228,7 +239,8 @@ class DeliveryStore:
             _set(s, ids, claimed_by=claim, claimed_until=to_dt(now + lease))
             tokens = _current_tokens(s, {row.user for row in rows})
             tasks = [_task(row, tokens.get(row.user)) for row in rows]
-        return DeliveryClaim(tasks, max(ids, default=after), len(rows) == limit)
+        last = (rows[-1].node, rows[-1].id) if rows else after
+        return DeliveryClaim(tasks, last, len(rows) == limit)
 
     def extend(self, claim: str, until: int) -> int:
         """Move the lease of every record ``claim`` holds to ``until``."""

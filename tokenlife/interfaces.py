@@ -156,7 +156,7 @@ class DeliveryLedger(Protocol):
         claim: str,
         lease: int,
         limit: int,
-        after: int = 0,
+        after: tuple[str, int] = ("", 0),
         user: str | None = None,
         node: str | None = None,
         due_by: int | None = None,
@@ -164,7 +164,8 @@ class DeliveryLedger(Protocol):
         """Claim up to ``limit`` owed deliveries (due by ``due_by``, default ``now``)
         that no live lease holds, for ``claim`` until ``now + lease``.
 
-        Exactly one replica holds a delivery at a time; walking on from ``after``.
+        Exactly one replica holds a delivery at a time; walking on from ``after``
+        (node, id), in node order: a node's deliveries come together.
         """
         ...
 

@@ -193,13 +193,18 @@ class DeliveryResult:
     outcome: str = ""  # the transport's word for a put (installed, unchanged, ...)
 
 
+#: before every record in DeliveryLedger.claim's walk (no node name is empty)
+CLAIM_START: tuple[str, int] = ("", 0)
+
+
 @dataclass(frozen=True)
 class DeliveryClaim:
     """Deliveries one replica claimed in one go: no other replica works on them
     until the claim's lease ends or the replica records or releases them."""
 
     tasks: list[DeliveryTask]
-    #: where the walk over the records stopped: the cycle's next claim starts after it
-    after: int
+    #: where the walk over the records (by node, then id) stopped: the cycle's
+    #: next claim starts after it
+    after: tuple[str, int]
     #: the batch was full: more may be owed
     more: bool

@@ -38,9 +38,9 @@ from tokenlife.backoff import backoff
 from tokenlife.clock import Clock, SystemClock
 from tokenlife.errors import TokenlifeError, UserDbError, UserError
 from tokenlife.interfaces import DeliveryLedger, JobSource, Repository, Transport
+from tokenlife.records import CLAIM_START, TokenFile
 from tokenlife.records import DeliveryResult as Result
 from tokenlife.records import DeliveryTask as Task
-from tokenlife.records import TokenFile
 from tokenlife.users import uid_of
 from transfer import nodefs
 
@@ -302,10 +302,15 @@ class _Claimed:
         self.claim = f"{cycle.replica[:100]}/{secrets.token_hex(4)}"
         self.tasks: list[Task] = []
         self.results: list[Result | None] = []
-        self.todo: queue.Queue[int | None] = queue.Queue()
+        #: a node's tasks of one batch, in order: one worker does them all, over
+        #: the node's one connection, while the others work on other nodes
+        self.todo: queue.Queue[list[int] | None] = queue.Queue()
+        self.waiting = 0  # tasks queued, not yet started (the guard keeps it)
+        self.guard = threading.Lock()
         self.done: queue.Queue[int] = queue.Queue()
-        self.after, self.more = 0, True
+        self.after, self.more = CLAIM_START, True
         self.threads = 0
+        self.groups = 0  # node groups queued so far: no more threads than those
         #: when the oldest lease held ends (epoch seconds, the cycle's clock)
         self.until = 0.0
         self.pending: list[int] = []  # finished, not yet recorded
@@ -349,7 +354,7 @@ class _Claimed:
                     self.pending.append(i)
                 # Claim the next batch while the workers still have plenty to
                 # do (recording and claiming take a few round trips), then record.
-                if self.more and self.todo.qsize() < self.low:
+                if self.more and self.waiting < self.low:
                     self._claim()
                 if len(self.pending) >= self.cycle.batch:
                     self._record()
@@ -375,9 +380,15 @@ class _Claimed:
         first = len(self.tasks)
         self.tasks.extend(got.tasks)
         self.results.extend([None] * len(got.tasks))
+        groups: dict[str, list[int]] = {}  # the claim comes in node order
         for i in range(first, len(self.tasks)):
-            self.todo.put(i)
-        while self.threads < min(self.cycle.concurrency, len(self.tasks)):
+            groups.setdefault(self.tasks[i].delivery.node, []).append(i)
+        with self.guard:
+            self.waiting += len(got.tasks)
+        for group in groups.values():
+            self.todo.put(group)
+        self.groups += len(groups)
+        while self.threads < min(self.cycle.concurrency, self.groups):
             # Daemon threads: a deadline must not wait for them.
             threading.Thread(target=self._work, daemon=True).start()
             self.threads += 1
@@ -407,12 +418,15 @@ class _Claimed:
         self.recorded += len(results)
 
     def _work(self) -> None:
-        while (i := self.todo.get()) is not None:
-            if self.cycle.clock.now() > self.until - self.cycle.lease / 3:
-                self.skipped.append(i)  # another replica may take it before we finish
-            else:
-                self.results[i] = self._one(self.tasks[i])
-            self.done.put(i)
+        while (group := self.todo.get()) is not None:
+            for i in group:
+                with self.guard:
+                    self.waiting -= 1
+                if self.cycle.clock.now() > self.until - self.cycle.lease / 3:
+                    self.skipped.append(i)  # another replica may take it before we finish
+                else:
+                    self.results[i] = self._one(self.tasks[i])
+                self.done.put(i)
 
     def _one(self, task: Task) -> Result:
         try:
@@ -426,11 +440,11 @@ class _Claimed:
         left = []
         while True:
             try:
-                i = self.todo.get_nowait()
+                group = self.todo.get_nowait()
             except queue.Empty:
                 break
-            if i is not None:
-                left.append(i)
+            if group is not None:
+                left.extend(group)
         for _ in range(self.threads):
             self.todo.put(None)
         return left

@@ -40,7 +40,7 @@ from transfer.transports import LocalTransport
 NOW = 1_800_000_000
 LEASE = 60
 BASE = Path("/run/tokenlife")
-UIDS = {"tlalice": 1001, "tlbob": 1002}
+UIDS = {"tlalice": 1001, "tlbob": 1002} | {f"tl{u}": 2000 + u for u in range(5)}
 NODES = {"tlalice": {"n1", "n2", "n3"}, "tlbob": {"n1", "n4", "n5"}}
 
 
@@ -464,3 +464,56 @@ def test_a_dead_replica_of_this_host_is_taken_over_at_once(
     cycle = cycle_of(sqlite_store, LocalTransport(BASE, tmp_path), FakeClock(NOW), "b")
     assert cycle.run().delivered == 1  # the dead one's, at once
     assert sorted(claimed(sqlite_store).values()) == sorted([alive, elsewhere, named])
+
+
+def test_claims_walk_the_records_node_by_node(store: SqlTokenStore) -> None:
+    """A node's deliveries come together (one connection serves them all), and a
+    walk in batches sees every record once, whatever order they were made in."""
+    needs = {f"tl{u}": {f"n{(u * 3 + k) % 7}" for k in range(3)} for u in range(5)}
+    seed(store, needs)
+    ledger = store.deliveries
+    seen: list[tuple[str, str]] = []
+    after = ("", 0)
+    while True:
+        got = ledger.claim(NOW, "a", LEASE, 4, after=after)
+        seen += [(t.delivery.node, t.delivery.user) for t in got.tasks]
+        after = got.after
+        if not got.more:
+            break
+    assert len(seen) == len(set(seen)) == 15
+    assert [node for node, _ in seen] == sorted(node for node, _ in seen)
+
+
+def test_one_worker_does_a_nodes_deliveries_in_turn(
+    sqlite_store: SqlTokenStore, tmp_path: Path
+) -> None:
+    """32 threads, 4 nodes with 5 users each: each node's pushes come one after
+    another from one thread, never two at once on one node (its connection)."""
+    needs = {f"tl{u}": {f"n{k}" for k in range(4)} for u in range(5)}
+    tokens = seed(sqlite_store, needs)
+    busy: dict[str, int] = {}
+    overlap: list[str] = []
+    threads: dict[str, set[int]] = {}
+    guard = threading.Lock()
+
+    class Watching(LocalTransport):
+        def put(self, node: str, tf: TokenFile) -> str:
+            with guard:
+                busy[node] = busy.get(node, 0) + 1
+                if busy[node] > 1:
+                    overlap.append(node)
+                threads.setdefault(node, set()).add(threading.get_ident())
+            try:
+                time.sleep(0.005)
+                return super().put(node, tf)
+            finally:
+                with guard:
+                    busy[node] -= 1
+
+    summary = cycle_of(sqlite_store, Watching(BASE, tmp_path), FakeClock(NOW), "a").run()
+    assert (summary.delivered, summary.failed) == (20, 0)
+    assert overlap == []
+    assert all(len(ids) == 1 for ids in threads.values()), threads
+    for user, token in tokens.items():
+        for node in needs[user]:
+            assert node_token(tmp_path, node, token.uid) == token.token

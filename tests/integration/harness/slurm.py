@@ -220,8 +220,10 @@ class SlurmCluster:
         slurmd_prefix: list[str] | None = None,
         open_munge: bool = False,
         system_root: Path | None = None,
+        munge_threads: int | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
+        self.munge_threads = munge_threads  # munged's --num-threads (None: its default, 2)
         self.jwt_key, self.jwks = jwt_key, jwks
         self.hooks = {"TaskProlog": task_prolog, "Epilog": epilog}
         self.hooks["PrologSlurmctld"] = prolog_slurmctld
@@ -535,7 +537,8 @@ PartitionName={PARTITION} Nodes={self.node_name} Default=YES MaxTime=INFINITE St
 
     def _munge_args(self) -> list[str]:
         files = [f"--{f}-file={self.workdir / 'munge' / f}" for f in ("key", "log", "pid", "seed")]
-        return ["--force", f"--socket={self.munge_socket}", *files]
+        threads = [f"--num-threads={self.munge_threads}"] if self.munge_threads else []
+        return ["--force", f"--socket={self.munge_socket}", *threads, *files]
 
     def _spawn(
         self,
