@@ -30,6 +30,7 @@ from repository.counts import compact
 from repository.migrate import migrate
 from repository.models import EventRow, TokenRow
 from repository.rows import audit, to_dt, to_epoch, to_record, to_row
+from repository.write_turn import WriteTurn, turn_for
 from tokenlife.config import StoreConfig
 from tokenlife.config_values import sqlite_file
 from tokenlife.errors import StoreError
@@ -135,6 +136,13 @@ class SqlTokenStore:
         with self._opening:
             return self._open_once()
 
+    @cached_property
+    def _write_turn(self) -> WriteTurn | None:
+        """SQLite: the queue this process's writers to this file wait in; else None."""
+        if not self.url.startswith("sqlite"):
+            return None
+        return turn_for(str(sqlite_file(self.url) or self.url))
+
     def _open_once(self, ingest: bool = True) -> sessionmaker[Session]:
         if self._sessions is None:
             try:
@@ -191,8 +199,10 @@ class SqlTokenStore:
         Database errors leave as StoreError with the driver's first line.
         """
         sessions = self._open()
+        # SQLite: this process's writers queue in order (repository/write_turn.py)
+        turn = None if read_only else self._write_turn
         try:
-            with sessions.begin() as session:
+            with turn or contextlib.nullcontext(), sessions.begin() as session:
                 if read_only:
                     session.connection(execution_options={READ_ONLY: True})
                 yield session
