@@ -241,6 +241,12 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--nodes", type=int, default=8, help="node munged daemons")
     parser.add_argument("--procs", type=int, default=8, help="client processes for threads")
+    parser.add_argument(
+        "--munge-threads",
+        type=int,
+        default=0,
+        help="the token host's munged --num-threads (default: munged's own, 2)",
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -254,7 +260,12 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     try:
         python = install_like_production(work)
-        with SlurmCluster(work / "slurm", key, open_munge=True) as cluster, MungeRealm() as realm:
+        with (
+            SlurmCluster(
+                work / "slurm", key, open_munge=True, munge_threads=args.munge_threads or None
+            ) as cluster,
+            MungeRealm() as realm,
+        ):
             munge_key = (cluster.workdir / "munge" / "key").read_bytes()
             nodes = [
                 realm.start(f"node{i}", munge_key, origin=f"127.0.3.{i + 1}")
@@ -363,6 +374,7 @@ def main() -> int:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"\n{args.count} near-simultaneous calls per row; {args.nodes} node munged daemons; "
+        f"token host munged threads {args.munge_threads or 'default (2)'}; "
         f"{os.cpu_count()} CPUs shared by clients and token host; load average {load}"
     )
     print("(latency in ms; wall: first start to last end; host: token host CPU ms per call)\n")
