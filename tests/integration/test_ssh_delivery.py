@@ -241,8 +241,9 @@ def replace_transport(site: Site, transport: SshTransport) -> DeliveryCycle:
 
 
 def test_a_warm_install_is_a_dozen_requests_and_a_new_connection_sweeps(site: Site) -> None:
-    """A warm push of a newer token costs 11 SFTP round trips (the OPEN carries the
-    mode, one FSETSTAT sets mode, owner and mtime, and the directories are checked
+    """A warm push of a newer token costs 11 SFTP requests in 8 round trips (the
+    OPEN carries the mode, one FSETSTAT sets mode, owner and mtime, the write,
+    FSETSTAT, fsync and close go out together, and the directories are checked
     and swept once per connection); a temporary file that a killed pusher left
     is removed by the first install over a new connection, and a directory
     removed behind the pool's back is made again at once."""
@@ -252,17 +253,35 @@ def test_a_warm_install_is_a_dozen_requests_and_a_new_connection_sweeps(site: Si
     sftp: Any = site.transport.pool._conns["node01"].sftp
     real = sftp._async_request  # every request goes through it (writes directly)
 
+    waits: list[int] = []  # how many requests were out each time an answer was awaited
+    real_read = sftp._read_response
+
     def counted(fileobj: object, kind: int, *args: object) -> object:
         requests.append(kind)
         return real(fileobj, kind, *args)
 
-    sftp._async_request = counted
+    def awaited(num: object = None) -> object:
+        waits.append(len(requests))
+        return real_read(num)
+
+    sftp._async_request, sftp._read_response = counted, awaited
     site.clock.advance(100)
     newer = site.mint()
     assert site.cycle.run(node="node01").delivered == 1
     site.check("node01", newer)
     assert len(requests) == 11, requests
     assert paramiko.sftp.CMD_OPENDIR not in requests
+    # the temporary file's write, FSETSTAT, fsync and close go out together:
+    # 8 waits for an answer, not 11
+    sftp._async_request, sftp._read_response = real, real_read
+    write = requests.index(paramiko.sftp.CMD_WRITE)
+    assert requests[write : write + 4] == [
+        paramiko.sftp.CMD_WRITE,
+        paramiko.sftp.CMD_FSETSTAT,
+        paramiko.sftp.CMD_EXTENDED,
+        paramiko.sftp.CMD_CLOSE,
+    ]
+    assert len(set(waits)) == 8, waits
 
     # Root on the node (an epilog, say) removes the user's directory: the
     # next push over the same connection still delivers, and makes it again.

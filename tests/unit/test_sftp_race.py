@@ -136,21 +136,24 @@ class FakeSftp:
 
 
 class SftpFS(RealSftpFS):
-    """SftpFS with its two raw requests (OPEN with attributes, FSETSTAT) made
-    through the fake's paramiko-style calls."""
+    """SftpFS with its raw requests (OPEN with attributes; write, FSETSTAT, fsync
+    and close sent together) made through the fake's paramiko-style calls."""
 
     def _open(self, path: str, mode: int) -> Any:
         handle = self.sftp.open(path, "wx")
         handle.chmod(mode)  # the OPEN request carries the mode
         return handle
 
-    def _fsetstat(self, handle: Any, attrs: SFTPAttributes) -> None:
-        if attrs.st_mode is not None:
+    def _fill(self, handle: Any, data: bytes, attrs: SFTPAttributes | None) -> None:
+        if data:
+            handle.write(data)
+        if attrs is not None:
             handle.chmod(attrs.st_mode)
-        if attrs.st_uid is not None and attrs.st_gid is not None:
-            handle.chown(attrs.st_uid, attrs.st_gid)
-        if attrs.st_mtime is not None:
-            handle.utime((attrs.st_atime, attrs.st_mtime))
+            if attrs.st_uid is not None and attrs.st_gid is not None:
+                handle.chown(attrs.st_uid, attrs.st_gid)
+            if attrs.st_mtime is not None:
+                handle.utime((attrs.st_atime, attrs.st_mtime))
+        handle.close()
 
 
 def _token(version: int = 1) -> TokenFile:
