@@ -69,7 +69,7 @@ def install(fs: NodeFS, base: str, tf: TokenFile, seen: set[str] | None = None) 
     the node, kept by it across calls (the SSH pool keeps one per
     connection): the base directory, the user's directory, and the look for
     a killed pusher's temporary files, each done once per connection rather
-    than at every install (4 of an install's 15 SFTP requests).  Only root can change
+    than at every install (6 of an install's 17 SFTP requests).  Only root can change
     the base directory or take the user's directory away (``remove`` here
     forgets it); a pusher that dies takes its connection with it, so the
     next connection sweeps.  Any failure forgets everything seen.
