@@ -178,6 +178,10 @@ class Node:
         out.mkdir()
         stderr = self.root / f"stderr{len(self.runs)}"
         argv = command or [sys.executable, "-c", CHILD, str(out), ",".join(traps), str(status)]
+        # run keeps a signal ignored at its start ignored (as a shell does), so
+        # it starts with the defaults whatever this pytest inherited (nohup
+        # ignores SIGHUP); a test that wants one ignored says so
+        popen.setdefault("preexec_fn", _default_signals)
         with stderr.open("wb") as err:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "client_engine.cli", "run", "--", *argv],
@@ -261,7 +265,13 @@ def test_each_signal_reaches_the_command_once(node: Node, mode: str) -> None:
     assert run.stop() == 5
 
 
+def _default_signals() -> None:
+    for name in FORWARDED:
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+
+
 def _ignore_sigint() -> None:
+    _default_signals()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
