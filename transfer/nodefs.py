@@ -78,7 +78,7 @@ def install(fs: NodeFS, base: str, tf: TokenFile, seen: set[str] | None = None) 
     trusted = bool(known)
     try:
         return _install(fs, base, tf, known)
-    except (OSError, TransportError):
+    except OSError:
         known.clear()  # whatever went wrong, check everything again
         if not trusted:
             raise
