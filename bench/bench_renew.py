@@ -169,8 +169,12 @@ def seed(engine: Engine, start: int, count: int, due: bool, total: int) -> None:
             break
         with engine.begin() as conn:
             conn.execute(insert(TokenRow), chunk)
-    # What autovacuum would have done to a table this old: statistics, hint
-    # bits, visibility map.  Otherwise it starts in the middle of the timing.
+    settle(engine)
+
+
+def settle(engine: Engine) -> None:
+    """What autovacuum would have done to a table this old: statistics, hint
+    bits, visibility map.  Otherwise it starts in the middle of the timing."""
     with engine.connect() as conn:
         if engine.dialect.name == "postgresql":
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(

@@ -82,11 +82,12 @@ from bench_renew import (  # noqa: E402
     SAMPLE_TOKEN,
     Backends,
     open_store,
+    settle,
     synthetic_user,
     table,
     user_name,
 )
-from sqlalchemy import event, insert, select, text  # noqa: E402
+from sqlalchemy import event, insert, select  # noqa: E402
 from sqlalchemy.engine import Connection, Engine  # noqa: E402
 
 from producer.keys import HS256Key  # noqa: E402
@@ -206,14 +207,7 @@ def seed(store: SqlTokenStore, n: int, now: int, salt: str) -> None:
         with engine.begin() as conn:
             conn.execute(insert(TokenRow), chunk)
     compact(store, now - OUTAGE)  # the renewer folded the kept counts before it went down
-    with engine.connect() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execution_options(isolation_level="AUTOCOMMIT").execute(
-                text("VACUUM ANALYZE tokens")
-            )
-        else:
-            conn.execute(text("ANALYZE"))
-            conn.commit()
+    settle(engine)
 
 
 # -- the renewer's process -------------------------------------------------------------------

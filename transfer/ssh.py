@@ -290,12 +290,6 @@ class SshPool:
                 del self._conns[node]
         conn.close()
 
-    def drop(self, node: str) -> None:
-        with self._guard:
-            conn = self._conns.pop(node, None)
-        if conn is not None:
-            conn.close()
-
     def connected(self) -> list[str]:
         with self._guard:
             return sorted(self._conns)
