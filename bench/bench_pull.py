@@ -73,7 +73,7 @@ go = threading.Event()
 prepared = threading.Barrier(count + 1)
 if mode != "processes":
     sys.path.insert(0, spec["repo"])
-    from client_engine.pull import _Munge, _exchange, pull
+    from client_engine.pull import _Munge, pull
     host, port = spec["address"].rsplit(":", 1)
 
 def process(i):
@@ -99,32 +99,79 @@ def whole(i):
         ok = False
     results[i] = [(time.perf_counter() - t0) * 1000, ok, t0, time.perf_counter()]
 
-def service(i):
-    nonce = b"n%d" % i
-    cred = _Munge.encode(b"tokenlife-pull 1 " + nonce, spec["socket"], None, 300)
-    prepared.wait()
-    go.wait()
+def service_loop():
+    # One thread multiplexes every connection: a node's side of a pull costs
+    # this machine next to nothing, so the CPU is the token host's, as on a
+    # cluster.  Each latency runs from the release, so waiting here counts.
+    import selectors, socket
+    sel = selectors.DefaultSelector()
     t0 = time.perf_counter()
-    try:
-        line = _exchange(host, int(port), cred, time.monotonic() + 60, spec["sources"][i])
-    except Exception:
-        line = b""
-    results[i] = [(time.perf_counter() - t0) * 1000, line, t0, time.perf_counter()]
+    left = 0
+    for i in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            sock.bind((spec["sources"][i], 0))
+            sock.connect_ex((host, int(port)))
+        except OSError:
+            results[i] = [0.0, b"", t0, time.perf_counter()]
+            sock.close()
+            continue
+        sel.register(sock, selectors.EVENT_WRITE, (i, bytearray()))
+        left += 1
+    while left:
+        ready = sel.select(60)
+        if not ready:
+            break
+        for key, mask in ready:
+            i, buf = key.data
+            sock = key.fileobj
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    sock.send(creds[i])  # a line of a few hundred bytes: sent whole
+                    sel.modify(sock, selectors.EVENT_READ, key.data)
+                    continue
+                chunk = sock.recv(65536)
+                if chunk:
+                    buf += chunk
+                    continue
+            except OSError:
+                buf.clear()
+            now = time.perf_counter()
+            results[i] = [(now - t0) * 1000, bytes(buf).split(b"\n", 1)[0], t0, now]
+            sel.unregister(sock)
+            sock.close()
+            left -= 1
+    for i, r in enumerate(results):
+        if r is None:
+            results[i] = [60000.0, b"", t0, time.perf_counter()]
 
 threading.stack_size(256 * 1024)
-target = {"processes": process, "threads": whole, "service": service}[mode]
-threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
-for t in threads:
-    t.start()
-prepared.wait()  # every call is ready (service: its credential made) and waits for go
+if mode == "service":  # each request credential made before the release
+    creds = [_Munge.encode(b"tokenlife-pull 1 n%d" % i, spec["socket"], None, 300) + b"\n"
+             for i in range(count)]
+    threads = []
+else:
+    target = {"processes": process, "threads": whole}[mode]
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    prepared.wait()  # every call is ready and waits for go
 print("ready", flush=True)
 start_at = float(sys.stdin.readline())
 time.sleep(max(0.0, start_at - time.time()))
-cpu0 = time.process_time()
+def used():  # this runner's CPU and its children's (scontrol, python -m ...)
+    import resource
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + kids.ru_utime + kids.ru_stime
+
+cpu0 = used()
 go.set()
+if mode == "service":
+    service_loop()
 for t in threads:
     t.join()
-cpu = time.process_time() - cpu0
+cpu = used() - cpu0
 if mode == "service":  # open the replies now, outside the measured time
     for i, r in enumerate(results):
         ok = False
@@ -167,10 +214,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_spread(specs: list[dict[str, Any]], host_pids: list[int]) -> tuple[list[Result], float]:
+def run_spread(
+    specs: list[dict[str, Any]], host_pids: list[int]
+) -> tuple[list[Result], float, float]:
     """One runner per spec (as USER), all released at the same instant.
 
-    Returns every call's result and the token host's CPU seconds meanwhile.
+    Returns every call's result, the token host's CPU seconds meanwhile, and
+    the clients' (the runners and their children, from the release on).
     """
     procs = []
     for spec in specs:
@@ -198,12 +248,15 @@ def run_spread(specs: list[dict[str, Any]], host_pids: list[int]) -> tuple[list[
         proc.stdin.write(f"{start_at}\n")
         proc.stdin.flush()
     out: list[Result] = []
+    clients = 0.0
     for proc in procs:
         stdout, _ = proc.communicate(timeout=600)
         if proc.returncode != 0:
             raise SystemExit(f"a runner failed ({proc.returncode})")
-        out += [tuple(r) for r in json.loads(stdout)["results"]]
-    return out, sum(cpu_seconds(p) for p in host_pids) - before
+        report = json.loads(stdout)
+        out += [tuple(r) for r in report["results"]]
+        clients += report["cpu"]
+    return out, sum(cpu_seconds(p) for p in host_pids) - before, clients
 
 
 def sources(count: int, first: int = 0) -> list[str]:
@@ -216,7 +269,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def summarize(name: str, results: list[Result], host_cpu: float) -> dict[str, Any]:
+def summarize(name: str, results: list[Result], host_cpu: float, clients: float) -> dict[str, Any]:
     ms = [r[0] for r in results]
     wall = max(r[3] for r in results) - min(r[2] for r in results)
     return {
@@ -229,6 +282,7 @@ def summarize(name: str, results: list[Result], host_cpu: float) -> dict[str, An
         "wall": wall,
         "rate": len(results) / wall,
         "host_cpu_ms": host_cpu * 1000 / len(results),
+        "client_cpu_ms": clients * 1000 / len(results),
     }
 
 
@@ -346,8 +400,8 @@ def main() -> int:
                 ]  # fmt: skip
                 for name, specs, pids in plan:
                     before = server.counts()["ok"]
-                    results, host_cpu = run_spread(specs, pids)
-                    rows.append(summarize(name, results, host_cpu))
+                    results, host_cpu, clients = run_spread(specs, pids)
+                    rows.append(summarize(name, results, host_cpu, clients))
                     made = server.counts()["ok"] - before
                     print(f"{name}: done (pull server ok +{made})", file=sys.stderr)
                 # a thousand tasks of one user on one node: one pull
@@ -361,8 +415,9 @@ def main() -> int:
                 spec = {"mode": "processes", "count": args.count, "argv": into, "env": env,
                         "expect": "slurm_jwt", "sources": sources(args.count)}  # fmt: skip
                 before = server.counts()["ok"]
-                results, host_cpu = run_spread([spec], pull_pids)
-                rows.append(summarize("pull_into, 1 user x COUNT tasks, 1 node", results, host_cpu))
+                results, host_cpu, clients = run_spread([spec], pull_pids)
+                name = "pull_into, 1 user x COUNT tasks, 1 node"
+                rows.append(summarize(name, results, host_cpu, clients))
                 rows[-1]["pulls"] = server.counts()["ok"] - before
                 counts = server.counts()
             finally:
@@ -377,10 +432,13 @@ def main() -> int:
         f"token host munged threads {args.munge_threads or 'default (2)'}; "
         f"{os.cpu_count()} CPUs shared by clients and token host; load average {load}"
     )
-    print("(latency in ms; wall: first start to last end; host: token host CPU ms per call)\n")
+    print(
+        "(latency in ms; wall: first start to last end; host: token host CPU ms per call;\n"
+        " clients: the clients' CPU ms per call, on a cluster spent on the nodes)\n"
+    )
     print(
         f"{'what':<44} {'n':>5} {'fail':>4} {'p50':>7} {'p99':>7} {'max':>7} {'wall s':>6} "
-        f"{'per s':>6} {'vs ctl':>6} {'host':>5}"
+        f"{'per s':>6} {'vs ctl':>6} {'host':>5} {'clients':>7}"
     )
     for row in rows:
         name = str(row["name"]).replace("COUNT", str(args.count))
@@ -388,7 +446,7 @@ def main() -> int:
         print(
             f"{name:<44} {row['n']:>5} {row['fail']:>4} {row['p50']:>7.1f} {row['p99']:>7.1f} "
             f"{row['max']:>7.1f} {row['wall']:>6.2f} {row['rate']:>6.0f} {ratio:>5.2f}x "
-            f"{row['host_cpu_ms']:>5.2f}"
+            f"{row['host_cpu_ms']:>5.2f} {row['client_cpu_ms']:>7.2f}"
         )
     print(f"\npull_into: {rows[-1]['pulls']} pull(s) for {args.count} tasks")
     print(f"pull server counts: {counts}")

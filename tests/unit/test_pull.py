@@ -306,7 +306,7 @@ def test_lookup_failure_is_an_error_that_leaks_nothing(
     assert TOKEN not in caplog.text and "RuntimeError" in caplog.text
 
 
-@pytest.mark.parametrize("bad", ["", "two words", "x" * 20000, "tab\there", "é"])
+@pytest.mark.parametrize("bad", ["", "two words", "x" * 20000, "tab\there", "é", "del\x7f", "a\nb"])
 def test_lookup_returning_a_non_token_is_an_error(fake: FakeMunge, users: None, bad: str) -> None:
     srv = make_server(fake, Calls({"alice": bad}))
     try:
