@@ -13,8 +13,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+from sqlalchemy import text
+
 from repository.store import SqlTokenStore
 from repository.write_turn import WriteTurn, turn_for
+from tokenlife.errors import StoreError
 from tokenlife.testing.store_contract import record
 
 
@@ -80,6 +84,41 @@ def test_a_stores_writers_queue_in_order_and_readers_never_wait(tmp_path: Path) 
     for t in (first, *later):
         t.join(30)
     assert committed == ["holder", "tlbob", "tlcarol", "tldave"]
+
+
+def test_a_transaction_that_fails_hands_the_turn_on(tmp_path: Path) -> None:
+    """An exception in a write transaction (the caller's, or the database's)
+    rolls it back and frees the turn: the next writer is not stuck behind it."""
+    url = f"sqlite:///{tmp_path}/db"
+    store = SqlTokenStore(url)
+    store.save(record("tlalice", uid=1001, gid=1001), "minted", "test")
+    turn = turn_for(str(tmp_path / "db"))
+
+    class Boom(Exception):
+        pass
+
+    try:
+        with store.transaction() as session:
+            session.execute(text("DELETE FROM tokens"))
+            raise Boom
+    except Boom:
+        pass
+    # the database refuses: StoreError, and the turn is freed too
+    with pytest.raises(StoreError), store.transaction() as session:
+        session.execute(text("INSERT INTO no_such_table VALUES (1)"))
+    assert turn._owner is None and turn._serving == turn._next
+    done = threading.Event()
+
+    def writer() -> None:
+        store.save(record("tlbob", uid=1002, gid=1002), "minted", "test")
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert done.wait(10), "the next writer waited for a turn nobody holds"
+    t.join()
+    assert store.current("tlalice") is not None  # the failed DELETE was rolled back
+    assert store.current("tlbob") is not None
 
 
 def test_postgresql_has_no_turns() -> None:
