@@ -33,8 +33,18 @@ Two tables:
             pushed more than once: must be 0); older over newer (a node file
             ending older than a version some replica installed there: must
             be 0); missed (a node not holding its user's newest token after
-            the storm and one catch-up cycle: must be 0); the 1-minute load
-            average before and after each run.
+            the storm and one catch-up cycle: must be 0); "cpu s / store":
+            each replica's CPU seconds (its ``time.process_time()`` from "go"
+            to its end: all its threads, user + system) and the PostgreSQL
+            server's, in the median run; the 1-minute load average before and
+            after each run; "machine busy": the machine's share of busy CPU
+            time in each run, from "go" to the last replica's end (/proc/stat:
+            user + nice + system + irq + softirq over all ticks; guest time is
+            already counted in user): near 100% the machine's CPUs, not the
+            software, were the limit, and a note under the table says so.
+            With --replica-cpu, "cpu/wall": each replica's CPU seconds over
+            its own wall time in the median run, and "held" when every
+            replica of every run stayed within its cap (+5%: period edges).
   claims    what claiming costs a lone replica: the same storm (no renewal
             in it) by one DeliveryCycle, next to the previous cycle's way (one
             ``due()`` read, the pushes on as many threads, one ``record()``
@@ -42,6 +52,29 @@ Two tables:
 
 Runs are repeated (``--repeat``), the modes alternating, and the medians
 shown: on a shared 2-core machine one run can be off by 20%.
+
+Replicas as hosts of their own (``--replica-cpu FRACTION``, e.g. 0.3): on a
+cluster each replica is its own host and the nodes are other machines; here
+replicas, nodes (SSH mode: 1,000 sshds), PostgreSQL and this bench share the
+CPUs, so over SSH one replica already saturates a 2-CPU machine and a second
+cannot be faster: the "vs 1" ratio then measures the box, not the software.
+With the option each measured replica (not the catch-up cycle after the
+storm, which is not timed) is put, right after it starts and before it is
+released, into a cgroup of its own (tl-bench-replica-<pid>-<n>, cgroup v2's
+cpu.max if /sys/fs/cgroup has the cpu controller, else v1's
+/sys/fs/cgroup/cpu) whose CPU bandwidth quota is FRACTION of a CPU (FRACTION
+x 10 ms per 10 ms period, longer below 0.1 as a quota is at least 1 ms: a
+short period, so that a capped replica is slowed evenly rather than stopped
+for long stretches with its transactions open);
+the groups are removed at the end, also on an error, Ctrl-C or SIGTERM.  The
+quota bounds CPU time, not parallelism: a replica may spend its share on both
+CPUs at once.  How to read it: the emulation holds when "cpu/wall" says held
+(each replica got no more than its share) and "machine busy" stays clearly
+below 100% with 2 replicas (so each replica could get its whole share: the
+cap, not the machine, was the limit); then "vs 1" is what a second host of
+that size adds.  Choose FRACTION so that 2 x FRACTION plus what the nodes and
+PostgreSQL need fits in the machine (e.g. 0.3 on 2 CPUs); "cpu/wall" well
+below FRACTION means the cap was not reached (the replica waited on others).
 
 SSH mode (``--transport ssh``): the same storm over SSH to real OpenSSH nodes
 (``tests/integration/harness/sshnodes.py``: one sshd per node on 127.0.x.y,
@@ -81,10 +114,12 @@ SSH mode:     .venv/bin/python bench/bench_push_replicas.py --transport ssh
               (... --max-connections 4096,256 adds the rows of a bound below 1,000 nodes)
 Quick check:  .venv/bin/python bench/bench_push_replicas.py --transport ssh \
                   --nodes 50 --users 50 --repeat 1
+Capped:       .venv/bin/python bench/bench_push_replicas.py --transport ssh --replica-cpu 0.3
 Options: --users, --per-user, --nodes (100; ssh: 1000), --repeat, --concurrency 32,2
          (threads per replica: each in turn; ssh: 32), --only replicas,claims (ssh:
          replicas), --nodes-on tmpfs|disk (local only), --transport local|ssh,
-         --max-connections 4096 (ssh only; a list: each in turn)
+         --max-connections 4096 (ssh only; a list: each in turn), --replica-cpu
+         FRACTION (each measured replica capped at FRACTION of a CPU; default: no cap)
 """
 
 from __future__ import annotations
@@ -92,6 +127,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -102,6 +138,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +177,11 @@ CONCURRENCY = 32  # delivery.ssh.concurrency's default
 MAX_CONNECTIONS = SshConfig().max_connections  # delivery.ssh.max_connections' default
 RENEW_WHEN = 0.3  # users with deliveries in flight are renewed once this share is recorded
 SAMPLE_EVERY = 0.1  # seconds between two looks at the replicas' /proc (ssh mode)
+CGROUP = Path("/sys/fs/cgroup")
+CPU_PERIOD_US = 10_000  # --replica-cpu's quota period (the kernel's default: 100 ms)
+MIN_QUOTA_US = 1_000  # the kernel's least CPU quota: below it, a longer period
+CAP_SLACK = 1.05  # a capped replica's cpu/wall may pass its cap by this (period edges)
+SATURATED = 0.9  # a run with the machine this busy: its CPUs were the limit
 
 
 # -- the replica process ---------------------------------------------------------------------
@@ -327,8 +369,143 @@ def worker() -> int:
     return 0
 
 
+class CpuCap:
+    """--replica-cpu: each replica process in a cgroup of its own whose CPU
+    bandwidth quota is ``fraction`` of a CPU, as if it were a host of its own.
+
+    cgroup v2 (cpu.max) when /sys/fs/cgroup has the cpu controller, else v1's cpu
+    controller at /sys/fs/cgroup/cpu (cpu.cfs_period_us, cpu.cfs_quota_us).  A
+    process goes in through cgroup.procs, which moves all its threads (and its
+    children to come).  Every group made is remembered until removed; close()
+    ends the replicas still in one (this bench's own, by their Popen) and
+    removes them all.
+    """
+
+    def __init__(self, fraction: float) -> None:
+        cpus = os.cpu_count() or 1
+        if not 0 < fraction <= cpus:
+            raise SystemExit(
+                f"--replica-cpu: {fraction} is not in (0, {cpus}] (this machine's CPUs)"
+            )
+        self.fraction = fraction
+        self.period = max(CPU_PERIOD_US, math.ceil(MIN_QUOTA_US / fraction))
+        self.quota = round(fraction * self.period)
+        controllers = CGROUP / "cgroup.controllers"
+        if controllers.exists() and "cpu" in controllers.read_text().split():
+            self.version, self.root = 2, CGROUP
+            subtree = CGROUP / "cgroup.subtree_control"
+            if "cpu" not in subtree.read_text().split():
+                try:
+                    subtree.write_text("+cpu")
+                except OSError as e:
+                    raise SystemExit(
+                        f"--replica-cpu: cannot enable the cpu controller in {subtree}: {e}"
+                    ) from None
+        elif (CGROUP / "cpu" / "cpu.cfs_quota_us").exists():
+            self.version, self.root = 1, CGROUP / "cpu"
+        else:
+            raise SystemExit(
+                "--replica-cpu: no cgroup cpu controller (neither cgroup v2 with cpu in "
+                f"{controllers} nor v1's {CGROUP / 'cpu'})"
+            )
+        self.made = 0
+        self.groups: dict[Path, subprocess.Popen[str] | None] = {}
+        try:  # fail now, before any node or store starts: make one group, remove it
+            self._make(None)
+        finally:
+            self.close()
+
+    def describe(self) -> str:
+        return (
+            f"each replica capped at {self.fraction:.2f} CPU (cgroup v{self.version} cpu quota "
+            f"{self.quota}/{self.period} us: a host of its own)"
+        )
+
+    def _make(self, proc: subprocess.Popen[str] | None) -> Path:
+        group = self.root / f"tl-bench-replica-{os.getpid()}-{self.made}"
+        self.made += 1
+        self.groups[group] = proc  # before it exists: close() removes it whatever happens
+        try:
+            group.mkdir()
+            if self.version == 2:
+                (group / "cpu.max").write_text(f"{self.quota} {self.period}")
+            else:
+                (group / "cpu.cfs_period_us").write_text(str(self.period))
+                (group / "cpu.cfs_quota_us").write_text(str(self.quota))
+        except OSError as e:
+            raise SystemExit(f"--replica-cpu: cannot make the cgroup {group}: {e}") from None
+        return group
+
+    def place(self, proc: subprocess.Popen[str]) -> Path:
+        """A new group, with ``proc`` (all its threads) in it."""
+        group = self._make(proc)
+        try:
+            (group / "cgroup.procs").write_text(str(proc.pid))
+        except OSError as e:
+            raise SystemExit(f"--replica-cpu: cannot put {proc.pid} in {group}: {e}") from None
+        return group
+
+    def verify(self, pid: int, group: Path) -> int:
+        """Check that every thread of ``pid`` is in ``group`` (/proc/PID/task/*/cgroup);
+        the number of threads."""
+        want = "/" + str(group.relative_to(self.root))
+        tasks = os.listdir(f"/proc/{pid}/task")
+        for task in tasks:
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                for line in Path(f"/proc/{pid}/task/{task}/cgroup").read_text().splitlines():
+                    hierarchy, controllers, path = line.split(":", 2)
+                    if self.version == 2:
+                        ours = hierarchy == "0" and not controllers
+                    else:
+                        ours = "cpu" in controllers.split(",")
+                    if ours and path != want:
+                        raise SystemExit(
+                            f"--replica-cpu: thread {task} of replica {pid} is in {path}, "
+                            f"not {want}"
+                        )
+        return len(tasks)
+
+    def throttled(self, group: Path) -> float:
+        """The share of the group's periods in which its quota ran out (cpu.stat)."""
+        stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+        periods = int(stat.get("nr_periods", 0))
+        return int(stat.get("nr_throttled", 0)) / periods if periods else 0.0
+
+    def remove(self, group: Path) -> None:
+        """Remove a group, once its replica (ended here if still running) has exited."""
+        proc = self.groups.pop(group, None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if proc is not None:
+            proc.wait()
+        for _ in range(50):
+            try:
+                group.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:  # EBUSY: its last task not yet gone
+                time.sleep(0.1)
+        print(f"--replica-cpu: could not remove the cgroup {group}", file=sys.stderr)
+
+    def close(self) -> None:
+        for group in list(self.groups):
+            self.remove(group)
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """The machine's busy and total CPU ticks so far (/proc/stat's cpu line): busy =
+    user + nice + system + irq + softirq; total = those + idle + iowait + steal
+    (guest and guest_nice are already counted in user and nice)."""
+    with open("/proc/stat") as fh:
+        fields = [int(n) for n in fh.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal
+
+
 class Replica:
-    def __init__(self, job: dict[str, Any]) -> None:
+    def __init__(self, job: dict[str, Any], cap: CpuCap | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker"],
             cwd=REPO,
@@ -337,6 +514,9 @@ class Replica:
             text=True,
             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
         )
+        # Capped from its start (its imports and connections run under the cap too,
+        # not timed): every thread it makes is born in its group.
+        self.group = None if cap is None else cap.place(self.proc)
         self._send(json.dumps(job))
 
     def _send(self, line: str) -> None:
@@ -395,6 +575,13 @@ class Run:
     hwm_kb: list[int] = field(default_factory=list)
     sessions: int = 0  # the nodes' peak of established SSH connections
     mem_avail: tuple[int, int] = (0, 0)  # MemAvailable (kB) before the run, its lowest in it
+    walls: list[float] = field(default_factory=list)  # each replica's own, "go" to its end
+    busy: float = 0.0  # the machine's busy share of its CPU time, "go" to the last end
+    throttled: list[float] = field(default_factory=list)  # --replica-cpu: share of periods
+
+    def cpu_share(self) -> list[float]:
+        """Each replica's CPU seconds over its own wall time (in CPUs)."""
+        return [c / w if w > 0 else 0.0 for c, w in zip(self.cpu, self.walls, strict=True)]
 
 
 # -- ssh mode: real sshd nodes under the storm's node names -------------------------------------
@@ -512,11 +699,19 @@ class Sampler:
 
 
 class Bench:
-    def __init__(self, work: Path, nodes: Path, storm: Storm, site: SshSite | None = None) -> None:
+    def __init__(
+        self,
+        work: Path,
+        nodes: Path,
+        storm: Storm,
+        site: SshSite | None = None,
+        cap: CpuCap | None = None,
+    ) -> None:
         self.work = work
         self.nodes = nodes
         self.storm = storm
         self.site = site  # ssh mode: the sshd nodes
+        self.cap = cap  # --replica-cpu: each measured replica in a capped cgroup
         self.concurrency = CONCURRENCY  # of the runs to come
         self.max_connections = MAX_CONNECTIONS  # of the runs to come (ssh mode)
         self.pg = PostgresServer(parent=work)
@@ -579,9 +774,12 @@ class Bench:
         }
         if self.site is not None:
             job["ssh"] = self.site.job(self.max_connections)
-        procs = [Replica({**job, "actor": f"replica-{i}"}) for i in range(replicas)]
+        procs = [Replica({**job, "actor": f"replica-{i}"}, self.cap) for i in range(replicas)]
         for proc in procs:
             proc.ready()
+            if self.cap is not None:
+                assert proc.group is not None
+                self.cap.verify(proc.pid, proc.group)
         load = os.getloadavg()[0]
         store_cpu = self.store_cpu()
         stop = threading.Event()
@@ -593,14 +791,25 @@ class Bench:
             sampler.start()
         if race:
             renewer.start()
-        for proc in procs:
-            proc.go()
-        results = [proc.result() for proc in procs]
-        stop.set()
-        if race:
-            renewer.join()
-        if sampler is not None:
-            sampler.stop()
+        busy_before, total_before = cpu_ticks()
+        try:
+            for proc in procs:
+                proc.go()
+            results = [proc.result() for proc in procs]
+            busy, total = cpu_ticks()
+        finally:  # also on an error or SIGTERM: no renewal tries a store that is gone
+            stop.set()
+            if race:
+                renewer.join()
+            if sampler is not None:
+                sampler.stop()
+        busy, total = busy - busy_before, total - total_before
+        throttled = []
+        if self.cap is not None:
+            for proc in procs:
+                assert proc.group is not None
+                throttled.append(self.cap.throttled(proc.group))
+                self.cap.remove(proc.group)
         after = os.getloadavg()[0]
         store_cpu = self.store_cpu() - store_cpu
         wall = max(r["end"] for r in results) - min(r["start"] for r in results)
@@ -617,6 +826,7 @@ class Bench:
             if _version(node_file(root, REMOTE_DIR, n, u).read_text()) < v
         )
         # One catch-up cycle (what the next tick does); then every node holds the newest.
+        # Not timed, so never capped (--replica-cpu): it only has to finish.
         catch_up = Replica({**job, "actor": "catch-up", "previous": False})
         catch_up.ready()
         catch_up.go()
@@ -633,6 +843,9 @@ class Bench:
             [r["cpu"] for r in results],
             self.renewed,
             store_cpu,
+            walls=[r["end"] - r["start"] for r in results],
+            busy=busy / total if total else 0.0,
+            throttled=throttled,
         )
         if sampler is not None:
             for i, r in enumerate(results):
@@ -703,9 +916,15 @@ def timed(label: str, bench: Bench, backend: str, replicas: int, previous: bool,
             f"connects {'+'.join(map(str, result.connects))}, "
             f"peak fds {'+'.join(map(str, result.fds))}, sshd sessions {result.sessions}"
         )
+    capped = ""
+    if bench.cap is not None:
+        capped = (
+            f", cpu/wall {each(result.cpu_share(), '{:.2f}', '+')} (cap {bench.cap.fraction:.2f}), "
+            f"throttled in {each(result.throttled, '{:.0%}', '+')} of periods"
+        )
     print(
         f" {time.perf_counter() - start:.1f} s (cycle {result.wall:.2f} s, cpu {cpu} s, "
-        f"store cpu {result.store_cpu:.2f} s{ssh})",
+        f"store cpu {result.store_cpu:.2f} s, machine busy {result.busy:.0%}{capped}{ssh})",
         file=sys.stderr,
     )
     for error in result.errors[:3]:
@@ -717,13 +936,23 @@ def median_run(runs: list[Run]) -> Run:
     return sorted(runs, key=lambda r: r.wall)[len(runs) // 2]
 
 
-def each(values: list[int], fmt: str = "{}") -> str:
+def each(values: Sequence[float], fmt: str = "{}", sep: str = "/") -> str:
     """Per-replica values: ``a/b``."""
-    return "/".join(fmt.format(v) for v in values)
+    return sep.join(fmt.format(v) for v in values)
 
 
-def replicas_rows(bench: Bench, repeat: int) -> tuple[list[list[str]], list[list[str]]]:
-    """The replicas table's rows, and (ssh mode) the resources table's."""
+def cap_held(bench: Bench, runs: list[Run]) -> bool:
+    """Whether every replica of these runs stayed within --replica-cpu (+ CAP_SLACK)."""
+    assert bench.cap is not None
+    limit = bench.cap.fraction * CAP_SLACK
+    return all(share <= limit for r in runs for share in r.cpu_share())
+
+
+def replicas_rows(
+    bench: Bench, repeat: int
+) -> tuple[list[list[str]], list[list[str]], list[float]]:
+    """The replicas table's rows, (ssh mode) the resources table's, and the
+    machine's busy share in every run."""
     runs: dict[int, list[Run]] = {1: [], 2: []}
     for i in range(repeat):
         for n in (1, 2):
@@ -734,6 +963,14 @@ def replicas_rows(bench: Bench, repeat: int) -> tuple[list[list[str]], list[list
     one = statistics.median(r.pushes / r.wall for r in runs[1])
     rows, usage_rows = [], []
     bound = [] if bench.site is None else [str(bench.max_connections)]
+
+    def capped(these: list[Run], last: Run) -> list[str]:
+        """The "cpu/wall" column (--replica-cpu only)."""
+        if bench.cap is None:
+            return []
+        held = "held" if cap_held(bench, these) else "EXCEEDED"
+        return [f"{each(last.cpu_share(), '{:.2f}')} {held}"]
+
     for n in (1, 2):
         wall = statistics.median(r.wall for r in runs[n])
         rate = statistics.median(r.pushes / r.wall for r in runs[n])
@@ -754,7 +991,9 @@ def replicas_rows(bench: Bench, repeat: int) -> tuple[list[list[str]], list[list
                 str(sum(r.older_over_newer for r in runs[n])),
                 str(sum(r.missed for r in runs[n])),
                 "+".join(f"{c:.1f}" for c in last.cpu) + f" / {last.store_cpu:.1f}",
+                *capped(runs[n], last),
                 " ".join(f"{r.load[0]:.2f}->{r.load[1]:.2f}" for r in runs[n]),
+                " ".join(f"{r.busy:.0%}" for r in runs[n]),
                 target,
             ]
         )
@@ -774,12 +1013,12 @@ def replicas_rows(bench: Bench, repeat: int) -> tuple[list[list[str]], list[list
                     f"{before / 2**20:.1f} -> {lowest / 2**20:.1f} GiB",
                 ]
             )
-    return rows, usage_rows
+    return rows, usage_rows, [r.busy for n in (1, 2) for r in runs[n]]
 
 
 REPLICAS_HEADER = ["threads", "replicas", "wall", "pushes", "vs 1", "split", "renewed"]
 REPLICAS_HEADER += ["doubles", "older>newer", "missed", "cpu s / store", "load (1 min) per run"]
-REPLICAS_HEADER += ["target"]
+REPLICAS_HEADER += ["machine busy per run", "target"]
 USAGE_HEADER = ["threads", "max conn", "replicas", "failed", "connects", "peak fds"]
 USAGE_HEADER += ["peak threads", "peak RSS (VmHWM)", "sshd sessions", "MemAvailable"]
 
@@ -820,6 +1059,12 @@ def with_bound(header: list[str]) -> list[str]:
     return [header[0], "max conn", *header[1:]]
 
 
+def with_cap(header: list[str], cap: CpuCap) -> list[str]:
+    """A header with --replica-cpu's "cpu/wall" column after "cpu s / store"."""
+    at = header.index("cpu s / store") + 1
+    return [*header[:at], f"cpu/wall (cap {cap.fraction:.2f})", *header[at:]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -836,6 +1081,13 @@ def main() -> None:
     parser.add_argument(
         "--max-connections",
         help=f"ssh only: delivery.ssh.max_connections, each in turn (default {MAX_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--replica-cpu",
+        type=float,
+        metavar="FRACTION",
+        help="cap each measured replica at FRACTION of a CPU (a cgroup quota: a host of its "
+        "own); default: no cap",
     )
     args = parser.parse_args()
     if args.worker:
@@ -856,8 +1108,10 @@ def main() -> None:
     threads = [int(n) for n in args.concurrency.split(",")]
     if ssh and min(bounds) < max(threads):  # as the configuration refuses it
         raise SystemExit("delivery.ssh.max_connections must be at least its concurrency")
-    if ssh:
-        # A kill must still stop the nodes (finally below).
+    # Checked (a group made and removed) before anything starts.
+    cap = None if args.replica_cpu is None else CpuCap(args.replica_cpu)
+    if ssh or cap is not None:
+        # A kill must still stop the nodes and remove the cgroups (finally below).
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="tl-bench-push-replicas-"))
     os.chmod(work, 0o755)  # the postgres user reaches its data directory through it
@@ -872,7 +1126,7 @@ def main() -> None:
         if ssh:
             site = SshSite(work, args.nodes)
             site.start()
-        bench = Bench(work, nodes, storm, site)
+        bench = Bench(work, nodes, storm, site, cap)
         where = f"local transport on {args.nodes_on}"
         if site is not None:
             where = (
@@ -884,13 +1138,17 @@ def main() -> None:
             f"{len(storm.pairs()):,} deliveries; {where}; "
             f"batch {BATCH}; {os.cpu_count()} CPUs; medians of {args.repeat} run(s)"
         )
+        if cap is not None:
+            print(cap.describe())
         tables: dict[str, list[list[str]]] = {"replicas": [], "claims": [], "usage": []}
+        busy: list[float] = []  # the machine's, in every replicas run
         for n in threads:
             bench.concurrency = n
             for bound in bounds if ssh else [MAX_CONNECTIONS]:
                 bench.max_connections = bound
                 if "replicas" in only:
-                    rows, usage_rows = replicas_rows(bench, args.repeat)
+                    rows, usage_rows, run_busy = replicas_rows(bench, args.repeat)
+                    busy += run_busy
                     tables["replicas"] += rows
                     tables["usage"] += usage_rows
                 if "claims" in only:
@@ -898,11 +1156,23 @@ def main() -> None:
         replicas_header, claims_header = REPLICAS_HEADER, CLAIMS_HEADER
         if ssh:
             replicas_header, claims_header = with_bound(replicas_header), with_bound(claims_header)
+        if cap is not None:
+            replicas_header = with_cap(replicas_header, cap)
         if tables["replicas"]:
             print()
             print("replicas (PostgreSQL; the users whose deliveries are on their way when 30% are")
             print("recorded are renewed again: their nodes are owed the next version mid-storm)")
             print(table(replicas_header, tables["replicas"]))
+            if max(busy) >= SATURATED:
+                print(
+                    f"note: the machine was up to {max(busy):.0%} busy: replicas, nodes and the "
+                    "store competed for its CPUs, so a ratio there measures this machine"
+                )
+                if cap is not None:
+                    print(
+                        "and the cap was not the only limit (the emulation does not hold): "
+                        "lower --replica-cpu"
+                    )
         if tables["usage"]:
             print()
             print("each replica's peaks (a/b: replica 0/1), from /proc every 100 ms; connects =")
@@ -916,6 +1186,8 @@ def main() -> None:
             print(table(claims_header, tables["claims"]))
     finally:
         try:
+            if cap is not None:
+                cap.close()  # replicas still running ended, their cgroups removed
             if bench is not None:
                 bench.close()
         finally:
