@@ -8,6 +8,7 @@ file left, and the same command works once space is back.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import subprocess
@@ -17,7 +18,10 @@ from pathlib import Path
 import pytest
 
 from client_engine import wrappers
+from repository.pull_audit import PullAudit
+from repository.store import SqlTokenStore
 from tests.conftest import require_root, require_tool, run_cli, run_engine, write_cli_site
+from tokenlife.testing.store_contract import record
 
 KEY = secrets.token_bytes(32)
 
@@ -32,14 +36,22 @@ def full(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(mount)],
                    check=True)  # fmt: skip
     try:
-        fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\0" * 4096)
-        os.close(fd)
+        fill(mount)
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(mount: Path) -> None:
+    """Fill ``mount`` to its last block with ``filler``."""
+    fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(fd, b"\0" * 4096)
+    with contextlib.suppress(OSError):
+        while True:  # the last few bytes too
+            os.write(fd, b"\0")
+    os.close(fd)
 
 
 def files_under(root: Path) -> set[str]:
@@ -115,3 +127,33 @@ def test_slurm_wrappers_on_a_full_disk(tmp_path: Path, full: Path) -> None:
     proc = run_engine(config, "install-wrappers")
     assert proc.returncode == 0, proc
     assert wrappers.problem(str(target), os.getuid()) is None
+
+
+def test_pull_audit_on_a_full_disk(full: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The pull service's audit trail on a store whose disk is full: every pull
+    is still audited into the queue at once (the server never waits), the queue
+    keeps its bound by dropping the oldest, one warning says how many, and once
+    there is space the events still queued are written."""
+    free(full)
+    store = SqlTokenStore(f"sqlite:///{full}/db")
+    store.save(record("tlalice"), "minted", "test")  # the schema, made while there is room
+    fill(full)
+    trail = PullAudit(lambda: store, "pull-test", flush_every=3600, max_queued=50)
+    caplog.set_level(logging.WARNING, logger="repository.pull_audit")
+    for i in range(80):
+        trail(f"u{i:03d}", "node01", "ok")
+    assert not trail.flush()  # disk full: nothing written, the events stay queued
+    for i in range(80, 120):  # pulls go on meanwhile
+        trail(f"u{i:03d}", "node01", "ok")
+    assert len(trail._queue) == 50
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "cannot write 50 pull audit event(s)" in warnings[0]
+    assert "full" in warnings[0].lower() and "30 dropped" in warnings[0]
+    assert [e["event"] for e in store.events()] == ["minted"]  # nothing half-written
+    free(full)
+    assert trail.flush()
+    written = [e for e in store.events() if e["event"] == "pull_ok"]
+    assert [e["user"] for e in written] == [f"u{i:03d}" for i in range(70, 120)]
+    assert {e["reason"] for e in written} == {"from node01"}
+    assert any("the store takes events again" in r.getMessage() for r in caplog.records)
