@@ -1,8 +1,8 @@
 """Pulling the user's current token from the token host, authenticated by munge.
 
 The worker side of producer/pull.py (the protocol is described there and in
-docs/pull.md).  Standard library and ctypes only, imported only when a pull
-is wanted: the engine stays light on every task's path.
+docs/pull.md).  The standard library and tokenlife/munge.py only, imported
+only when a pull is wanted: the engine stays light on every task's path.
 
 * :func:`pull` asks once (retrying a busy or unreachable server, and the
   next address of a comma-separated list, until ``timeout``): it makes a
@@ -22,14 +22,12 @@ is wanted: the engine stays light on every task's path.
   :func:`fetch_into` is the same, and also says why a pull failed when a
   still-valid token was kept (client_engine.fallback tells the task).
 
-libmunge is called through ctypes (the munge command would cost a fork and
-an exec); this is a small copy of producer/munge.py, which the engine may not
-import.
+libmunge is called in process through tokenlife/munge.py (the munge command
+would cost a fork and an exec).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -39,32 +37,27 @@ import sys
 import time
 
 from client_engine.tokens import Refused, Token, check, delivered_path, load, parse, user_dir
+from tokenlife.munge import (
+    EMUNGE_CRED_EXPIRED,
+    EMUNGE_CRED_INVALID,
+    EMUNGE_CRED_REPLAYED,
+    EMUNGE_CRED_UNAUTHORIZED,
+    LIBRARY,
+    Munge,
+    MungeError,
+)
 
 # typing, secrets, random and pathlib cost milliseconds at every start (the
-# engine runs once per task): none of them is imported at run time here.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
+# engine runs once per task): none of them is imported here.
 
 PROTOCOL = b"tokenlife-pull"
 VERSION = b"1"
-LIBRARY = "libmunge.so.2"
 #: a reply is a munge credential around a token: a few KiB at most
 MAX_REPLY = 65536
 #: the lock (and last-pull stamp) in the user's directory
 LOCK_NAME = ".pull.lock"
 #: results the server may answer that are worth asking again (or another server)
 RETRY = frozenset({"busy", "error", "timeout", "unreachable"})
-
-# munge.h: options and the errors told apart here
-_OPT_TTL = 4
-_OPT_SOCKET = 8
-_OPT_UID_RESTRICTION = 9
-_EMUNGE_SOCKET = 6
-_EMUNGE_CRED_INVALID = 14
-_EMUNGE_CRED_EXPIRED = 15
-_EMUNGE_CRED_REPLAYED = 17
-_EMUNGE_CRED_UNAUTHORIZED = 18
 
 
 class PullError(Refused):
@@ -80,119 +73,25 @@ class PullError(Refused):
 
 
 class _Munge:
-    _lib: ctypes.CDLL | None = None
-    _free_fn: Any = None
-    _encode: Any = None
-    _decode: Any = None
+    """The engine's two calls to libmunge (tokenlife/munge.py), shaped for a pull."""
 
-    @classmethod
-    def lib(cls) -> ctypes.CDLL:
-        if cls._lib is None:
-            # The context calls hold the GIL (PyDLL: they take microseconds);
-            # encode and decode, which wait on munged, release it.
-            try:
-                lib = ctypes.PyDLL(LIBRARY)
-                blocking = ctypes.CDLL(LIBRARY)
-            except OSError:
+    @staticmethod
+    def encode(payload: bytes, sock: str | None, uid: int | None, ttl: int) -> bytes:
+        try:
+            return Munge(sock).encode(payload, uid_restriction=uid, ttl=ttl).encode("ascii")
+        except MungeError as exc:
+            if exc.code < 0:  # libmunge itself is missing
                 raise PullError("munge", f"cannot load {LIBRARY}: is munge installed?") from None
-            lib.munge_ctx_create.restype = ctypes.c_void_p
-            lib.munge_ctx_create.argtypes = []
-            lib.munge_ctx_destroy.restype = None
-            lib.munge_ctx_destroy.argtypes = [ctypes.c_void_p]
-            lib.munge_ctx_set.restype = ctypes.c_int  # variadic: arguments passed typed
-            lib.munge_ctx_strerror.restype = ctypes.c_char_p
-            lib.munge_ctx_strerror.argtypes = [ctypes.c_void_p]
-            encode, decode = blocking.munge_encode, blocking.munge_decode
-            encode.restype = ctypes.c_int
-            encode.argtypes = [
-                ctypes.POINTER(ctypes.c_void_p),
-                ctypes.c_void_p,
-                ctypes.c_char_p,
-                ctypes.c_int,
-            ]
-            decode.restype = ctypes.c_int
-            decode.argtypes = [
-                ctypes.c_char_p,
-                ctypes.c_void_p,
-                ctypes.POINTER(ctypes.c_void_p),
-                ctypes.POINTER(ctypes.c_int),
-                ctypes.POINTER(ctypes.c_uint32),
-                ctypes.POINTER(ctypes.c_uint32),
-            ]
-            # libmunge hands out malloc()ed buffers: the C library's free
-            free = ctypes.PyDLL(None).free
-            free.restype = None
-            free.argtypes = [ctypes.c_void_p]
-            cls._free_fn, cls._encode, cls._decode = free, encode, decode
-            cls._lib = lib
-        return cls._lib
+            raise PullError("munge", f"munge cannot make a credential: {exc.message}") from None
 
-    @classmethod
-    def _free(cls, pointer: int) -> None:
-        cls._free_fn(pointer)
-
-    @classmethod
-    def _context(cls, sock: str | None, options: list[tuple[int, int]]) -> int:
-        lib = cls.lib()
-        ctx = lib.munge_ctx_create()
-        if not ctx:
-            raise PullError("munge", "munge: cannot create a context")
-        settings: list[tuple[int, ctypes.c_int | ctypes.c_char_p]] = [
-            (opt, ctypes.c_int(value)) for opt, value in options
-        ]
-        if sock:
-            settings.append((_OPT_SOCKET, ctypes.c_char_p(sock.encode())))
-        for opt, value in settings:
-            if lib.munge_ctx_set(ctypes.c_void_p(ctx), ctypes.c_int(opt), value) != 0:
-                lib.munge_ctx_destroy(ctx)
-                raise PullError("munge", f"munge: cannot set option {opt}")
-        return int(ctx)
-
-    @classmethod
-    def _message(cls, ctx: int, err: int) -> str:
-        text = cls.lib().munge_ctx_strerror(ctx)
-        return text.decode("ascii", "replace") if text else f"munge error {err}"
-
-    @classmethod
-    def encode(cls, payload: bytes, sock: str | None, uid: int | None, ttl: int) -> bytes:
-        options = [(_OPT_TTL, ttl)] + ([(_OPT_UID_RESTRICTION, uid)] if uid is not None else [])
-        lib = cls.lib()
-        ctx = cls._context(sock, options)
-        out = ctypes.c_void_p()
-        try:
-            err = cls._encode(ctypes.byref(out), ctx, payload, len(payload))
-            if err != 0 or not out.value:
-                raise PullError(
-                    "munge", f"munge cannot make a credential: {cls._message(ctx, err)}"
-                )
-            return ctypes.string_at(out.value)
-        finally:
-            if out.value:
-                cls._free(out.value)
-            lib.munge_ctx_destroy(ctx)
-
-    @classmethod
-    def decode(cls, cred: bytes, sock: str | None) -> tuple[int, bytes, int, str]:
+    @staticmethod
+    def decode(cred: bytes, sock: str | None) -> tuple[int, bytes, int, str]:
         """(error, payload, encoder's uid, message); error 0 is success."""
-        lib = cls.lib()
-        ctx = cls._context(sock, [])
-        buf = ctypes.c_void_p()
-        length, uid, gid = ctypes.c_int(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
         try:
-            err = cls._decode(
-                cred,
-                ctx,
-                ctypes.byref(buf),
-                ctypes.byref(length),
-                ctypes.byref(uid),
-                ctypes.byref(gid),
-            )
-            payload = ctypes.string_at(buf.value, length.value) if buf.value else b""
-            return int(err), payload, int(uid.value), cls._message(ctx, err) if err else ""
-        finally:
-            if buf.value:
-                cls._free(buf.value)
-            lib.munge_ctx_destroy(ctx)
+            found = Munge(sock).decode(cred)
+        except MungeError as exc:
+            return exc.code, b"", exc.uid or 0, exc.message
+        return 0, found.payload, found.uid, ""
 
 
 # -- one pull -------------------------------------------------------------------
@@ -296,11 +195,11 @@ def _pull_once(
 
 
 def _why(err: int, message: str) -> str:
-    if err == _EMUNGE_CRED_UNAUTHORIZED:
+    if err == EMUNGE_CRED_UNAUTHORIZED:
         return "it is for another uid"
-    if err == _EMUNGE_CRED_INVALID:
+    if err == EMUNGE_CRED_INVALID:
         return "made with another munge key"
-    if err in (_EMUNGE_CRED_EXPIRED, _EMUNGE_CRED_REPLAYED):
+    if err in (EMUNGE_CRED_EXPIRED, EMUNGE_CRED_REPLAYED):
         return message.lower()
     return message
 

@@ -55,7 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from producer.munge import (
+from tokenlife.munge import (
     EMUNGE_CRED_EXPIRED,
     EMUNGE_CRED_REPLAYED,
     LOCAL_TROUBLE,
@@ -127,7 +127,7 @@ Audit = Callable[[str, str, str], None]
 
 
 class Codec(Protocol):
-    """What the server needs of munge (producer.munge.Munge; fakes in unit tests)."""
+    """What the server needs of munge (tokenlife.munge.Munge; fakes in unit tests)."""
 
     def decode(self, credential: str | bytes) -> Credential: ...
 

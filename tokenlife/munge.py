@@ -1,4 +1,10 @@
-"""MUNGE credentials for the pull service: libmunge, in process, through ctypes.
+"""MUNGE credentials: libmunge, in process, through ctypes.
+
+The pull service (producer/pull.py) decodes its callers' credentials and
+seals its replies with it; the worker engine (client_engine/pull.py) makes
+its requests and opens the replies with it.  It imports only the standard
+library's lightest modules (no dataclasses, no threading): the engine runs
+once per task, and pulls through this module.
 
 Why ctypes and not something else:
 
@@ -18,20 +24,19 @@ Why ctypes and not something else:
   changed since 0.5; a test compares the error numbers with
   ``munge_strerror``.
 
-The worker side (client_engine/pull.py) carries its own smaller copy, because
-the engine may import nothing but the ground and the standard library.
-
 Every call makes its own ``munge_ctx_t`` (a small malloc): contexts are not
 thread-safe, and one per call lets any thread encode or decode at any time.
 """
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import socket
-import threading
-from dataclasses import dataclass
-from typing import Any
+
+TYPE_CHECKING = False  # typing costs milliseconds at every engine start
+if TYPE_CHECKING:
+    from typing import Any
 
 #: the library's soname: Debian's libmunge2, and every MUNGE 0.5.x build
 LIBRARY = "libmunge.so.2"
@@ -91,18 +96,37 @@ class MungeError(Exception):
         return f"munge: {self.message}"
 
 
-@dataclass(frozen=True)
 class Credential:
-    """What munged vouches for in a decoded credential."""
+    """What munged vouches for in a decoded credential.
 
-    payload: bytes
-    uid: int
-    gid: int
-    #: the IPv4 address of the host whose munged encoded it (dotted quad;
-    #: "0.0.0.0" when that munged could not tell its own address)
-    origin: str
-    encoded_at: int
-    ttl: int
+    ``origin``: the IPv4 address of the host whose munged encoded it (dotted
+    quad; "0.0.0.0" when that munged could not tell its own address).
+    (A plain class: a dataclass would import ``inspect``, 14 ms at every
+    engine start.)
+    """
+
+    __slots__ = ("encoded_at", "gid", "origin", "payload", "ttl", "uid")
+
+    def __init__(
+        self, payload: bytes, uid: int, gid: int, origin: str, encoded_at: int, ttl: int
+    ) -> None:
+        self.payload, self.uid, self.gid = payload, uid, gid
+        self.origin, self.encoded_at, self.ttl = origin, encoded_at, ttl
+
+    def _fields(self) -> tuple[bytes, int, int, str, int, int]:
+        return (self.payload, self.uid, self.gid, self.origin, self.encoded_at, self.ttl)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Credential) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:  # the payload may hold a token: never shown
+        return (
+            f"Credential(uid={self.uid}, gid={self.gid}, origin={self.origin!r}, "
+            f"encoded_at={self.encoded_at}, ttl={self.ttl}, payload=<{len(self.payload)} bytes>)"
+        )
 
 
 class _Lib:
@@ -155,7 +179,7 @@ class _Lib:
 
 
 _loaded: dict[str, _Lib] = {}
-_load_lock = threading.Lock()
+_load_lock = _thread.allocate_lock()
 
 
 def _lib(path: str = LIBRARY) -> _Lib:

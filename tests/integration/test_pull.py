@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from producer import munge as pmunge
 from producer.pull import PullLimits, PullPolicy, PullServer, Refusal, parse_address
 from tests.conftest import REPO, require, require_root, require_tool
 from tests.integration.harness.munge import MungeDaemon, MungeRealm, have_munge
 from tests.integration.harness.users import ALICE, BOB, ensure_user
+from tokenlife import munge as pmunge
 
 HOSTS = {"127.0.0.11": "node01", "127.0.0.12": "node02", "127.0.0.14": "login01"}
 

@@ -218,3 +218,18 @@ def test_engine_env_loads_nothing_heavy(tmp_path: Path) -> None:
     report, out = run_driver("client_engine.cli", ["env"], env)
     assert report == {"rc": 0, "before": [], "loaded": []}
     assert f"export SLURM_JWT={token}" in out.splitlines()
+
+
+def test_the_engines_pull_path_loads_nothing_heavy() -> None:
+    """client_engine.pull and the libmunge binding it shares with the pull
+    service (tokenlife/munge.py): no dataclasses (inspect: 14 ms), threading
+    or typing, at every task's start."""
+    light = (*HEAVY, "dataclasses", "inspect", "threading", "typing", "producer")
+    code = (
+        f"import json, sys; before = set(sys.modules); import client_engine.pull; "
+        f"print(json.dumps([m for m in {light!r} if m in set(sys.modules) - before]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(proc.stdout) == []

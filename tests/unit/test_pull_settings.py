@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from producer import munge
 from tests.conftest import require, run_cli, write_cli_site
 from tests.unit.test_metrics import free_port
 from tokenlife import config as configmod
+from tokenlife import munge
 from tokenlife.config import Config, PullConfig
 from tokenlife.errors import ConfigError
 

@@ -453,8 +453,8 @@ def _pull_problems(config: Config) -> list[str]:
     """What would keep the pull service from working: libmunge, and munged's socket."""
     import stat
 
-    from producer import munge
     from producer.pull import DEFAULT_MUNGE_SOCKET
+    from tokenlife import munge
 
     pull = config.pull
     if not pull.listen:
