@@ -24,33 +24,24 @@ Nothing waits for a lease in real time: the replicas' clocks jump past it.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import queue
 import secrets
-import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from tests.conftest import REPO, require_root
+from tests.conftest import require_root
 from tests.integration.harness.deliver_worker import Outcome, Storm, outcome, renew, seed
+from tests.integration.harness.line_worker import LineWorker, wait_for_backends_gone
 from tests.integration.harness.postgres import PostgresServer
 from transfer import nodefs
 
 NOW = 1_800_000_000
 LEASE = 60
-DEADLINE = 120  # seconds before a silent worker counts as stuck (never reached when green)
 WORKER = "tests.integration.harness.deliver_worker"
 
 
@@ -75,82 +66,25 @@ def nodes(tmp_path: Path) -> Path:
     return root
 
 
-class Worker:
+class Worker(LineWorker):
     """One deliver_worker process: job on stdin, ``ready``, then ``go NOW`` -> summary."""
 
     def __init__(self, tmp_path: Path, job: dict[str, Any]) -> None:
-        self.name = str(job["actor"])
-        self.stderr_path = tmp_path / f"{self.name}.stderr"
-        self._stderr = self.stderr_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", WORKER],
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            env={k: v for k, v in os.environ.items() if k != "TOKENLIFE_CONFIG"},
-        )
-        self._lines: queue.Queue[str] = queue.Queue()
-        assert self.proc.stdout is not None
-        self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
-        self._reader.start()
-        self.send(json.dumps(job))
+        super().__init__(WORKER, tmp_path, job)
 
     @property
     def claim_prefix(self) -> str:
         """How this replica's claims start: DeliveryCycle's default name, host:pid."""
         return f"{socket.gethostname()}:{self.proc.pid}/"
 
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put("")  # EOF: the process is gone
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def expect(self, wanted: str | None = None) -> str:
-        try:
-            line = self._lines.get(timeout=DEADLINE)
-        except queue.Empty:
-            pytest.fail(f"{self.name} said nothing for {DEADLINE} s:\n{self.stderr()}")
-        if line == "" or (wanted is not None and line != wanted):
-            pytest.fail(f"{self.name}: expected {wanted!r}, got {line!r}:\n{self.stderr()}")
-        return line
-
     def go(self, now: int) -> None:
         self.send(f"go {now}")
 
     def summary(self) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(self.expect())
-        return result
+        return self.result()
 
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        assert self.proc.wait(timeout=DEADLINE) == -signal.SIGKILL
-
-    def stderr(self) -> str:
-        self._stderr.flush()
-        return self.stderr_path.read_text(errors="replace")[-4000:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                self.send("quit")
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait(timeout=DEADLINE)
-        self._reader.join(timeout=DEADLINE)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        self._stderr.close()
+    def close(self, goodbye: str | None = "quit") -> None:
+        super().close(goodbye)
 
 
 @pytest.fixture
@@ -166,25 +100,6 @@ def start(workers: list[Worker], tmp_path: Path, job: dict[str, Any]) -> Worker:
     workers.append(worker)
     worker.expect("ready")  # imported, connected, migrated
     return worker
-
-
-def wait_for_backends_gone(url: str, application_name: str) -> None:
-    """PostgreSQL notices a killed client's closed socket and rolls its work back."""
-    engine = create_engine(url)
-    try:
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            with engine.connect() as conn:
-                left = conn.scalar(
-                    text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n"),
-                    {"n": application_name},
-                )
-            if left == 0:
-                return
-            assert time.monotonic() < deadline, f"{left} backends of the killed worker remain"
-            time.sleep(0.05)
-    finally:
-        engine.dispose()
 
 
 def age_node_locks(root: Path, seconds: int) -> None:

@@ -23,20 +23,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
-import json
 import os
-import queue
 import secrets
-import signal
 import sqlite3
-import subprocess
-import sys
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import jwt
 import pytest
@@ -48,7 +41,7 @@ from repository.renewal_store import RenewalStore
 from repository.renewer import Renewer
 from repository.rows import to_dt
 from repository.store import SqlTokenStore
-from tests.conftest import REPO
+from tests.integration.harness.line_worker import DEADLINE, LineWorker, wait_for_backends_gone
 from tests.integration.harness.postgres import PostgresServer
 from tests.integration.harness.renew_worker import TOKEN, synthetic_user, user_name
 from tokenlife.config import Config, KeyConfig
@@ -65,7 +58,6 @@ BATCH = int(inspect.signature(RenewalStore.process).parameters["batch"].default)
 REPLICA_TOKENS = max(10_000, 10 * BATCH)  # many batches each, or one replica takes all
 CRASH_TOKENS = 3 * BATCH  # three batches: the victim parks in the 2nd (lookup) or 3rd (commit)
 HANG_AFTER = BATCH + BATCH // 2  # halfway through the second batch
-DEADLINE = 120  # seconds before a silent worker counts as stuck (never reached when green)
 WORKER = "tests.integration.harness.renew_worker"
 
 
@@ -220,78 +212,19 @@ def tick_in_process(url: str, key_path: Path) -> tuple[int, int, int, int]:
 # -- worker processes ----------------------------------------------------------------
 
 
-class Worker:
+class Worker(LineWorker):
     """One renew_worker process: job on stdin, then ``ready``, barrier, summary."""
 
     def __init__(self, tmp_path: Path, job: dict[str, Any]) -> None:
-        self.name = str(job["actor"])
-        self.stderr_path = tmp_path / f"{self.name}.stderr"
-        self._stderr = self.stderr_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", WORKER],
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            env={k: v for k, v in os.environ.items() if k != "TOKENLIFE_CONFIG"},
-        )
-        self._lines: queue.Queue[str] = queue.Queue()
-        assert self.proc.stdout is not None
-        self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
-        self._reader.start()
-        self._send(json.dumps(job))
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put("")  # EOF: the process is gone
-
-    def _send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def expect(self, wanted: str | None = None) -> str:
-        """The worker's next line (``wanted`` if given); fails if it exits or sticks."""
-        try:
-            line = self._lines.get(timeout=DEADLINE)
-        except queue.Empty:
-            pytest.fail(f"{self.name} said nothing for {DEADLINE} s:\n{self.stderr()}")
-        if line == "" or (wanted is not None and line != wanted):
-            self.proc.wait(timeout=DEADLINE)
-            pytest.fail(
-                f"{self.name}: expected {wanted!r}, got {line!r} "
-                f"(exit {self.proc.returncode}):\n{self.stderr()}"
-            )
-        return line
+        super().__init__(WORKER, tmp_path, job)
 
     def go(self) -> None:
-        self._send("go")
+        self.send("go")
 
     def summary(self) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(self.expect())
+        result = self.result()
         assert self.proc.wait(timeout=DEADLINE) == 0, self.stderr()
         return result
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        assert self.proc.wait(timeout=DEADLINE) == -signal.SIGKILL
-
-    def stderr(self) -> str:
-        self._stderr.flush()
-        return self.stderr_path.read_text(errors="replace")[-4000:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=DEADLINE)
-        self._reader.join(timeout=DEADLINE)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        self._stderr.close()
 
 
 @pytest.fixture
@@ -306,25 +239,6 @@ def start(workers: list[Worker], tmp_path: Path, job: dict[str, Any]) -> Worker:
     worker = Worker(tmp_path, job)
     workers.append(worker)
     return worker
-
-
-def wait_for_backends_gone(url: str, application_name: str) -> None:
-    """PostgreSQL notices a killed client's closed socket and rolls its work back."""
-    engine = create_engine(url)
-    try:
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            with engine.connect() as conn:
-                left = conn.scalar(
-                    text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n"),
-                    {"n": application_name},
-                )
-            if left == 0:
-                return
-            assert time.monotonic() < deadline, f"{left} backends of the killed worker remain"
-            time.sleep(0.05)
-    finally:
-        engine.dispose()
 
 
 def versions_now(url: str) -> Counter[int]:
