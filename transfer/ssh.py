@@ -43,6 +43,12 @@ KEEPALIVE = 30  # seconds; idle pooled connections survive NAT and firewalls
 #: cost a third of a CPU doing nothing, and contend for the GIL with the pushes).
 #: A close shuts the socket down, which wakes the thread at once.
 IDLE_POLL = 2.0
+#: paramiko's log channel for a connection the pool is closing on purpose.  A
+#: node may answer the shutdown with a reset, which paramiko's thread logs at
+#: ERROR ("Socket exception: Connection reset by peer"): no error of ours, so
+#: what it says from then on goes to this channel, which logs only CRITICAL.
+CLOSING_LOG = "tokenlife.ssh.closing"
+logging.getLogger(CLOSING_LOG).setLevel(logging.CRITICAL)
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -76,6 +82,7 @@ class _Conn:
         self.sftp.close()
         transport = self.client.get_transport()
         if transport is not None:
+            transport.set_log_channel(CLOSING_LOG)
             # Wake paramiko's thread from its recv (it polls only every
             # IDLE_POLL) and let it end before the socket is closed: a
             # descriptor closed under a thread still waiting on it is reused

@@ -3,6 +3,7 @@ its own /run/tokenlife), driven by the delivery cycle with a fake clock."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import shutil
 import stat
@@ -24,7 +25,7 @@ from tokenlife.config import Config, DeliveryConfig, SshConfig, TokenConfig
 from tokenlife.records import TokenRecord
 from tokenlife.testing.fakes import FakeClock, FakeJobs, StaticKeySource
 from transfer.cycle import DeliveryCycle
-from transfer.ssh import IDLE_POLL
+from transfer.ssh import CLOSING_LOG, IDLE_POLL
 from transfer.transports import SshTransport
 
 NODES = ("node01", "node02", "node03")
@@ -228,6 +229,10 @@ def test_a_pool_at_its_limit_closes_idle_sessions_and_still_delivers_everywhere(
         while any(t.is_alive() for t in closed) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert len(closed) == len(opened) - 1 and not any(t.is_alive() for t in closed)
+        # what paramiko says about a connection closed on purpose is no error of ours
+        assert {t.log_name for t in closed} == {CLOSING_LOG}
+        assert logging.getLogger(CLOSING_LOG).getEffectiveLevel() > logging.ERROR
+        assert {t.log_name for c, t in opened if c in pooled} == {"paramiko.transport"}
     finally:
         transport.close()
 
