@@ -6,8 +6,9 @@ Prolog (systemd/slurm/prolog.sh, as root on the node) creates the user's
 token directory and pulls as the user, munge vouching for the user through
 the cluster's own munged; the shipped TaskProlog then exports SLURM_JWT into
 the batch step, whose plain ``squeue`` (the wrapper hands it the token)
-works. Real Slurm 22.05, real munged, real PAM-free minting: nothing here is
-faked.
+works. Real Slurm on each release (22.05 on the host, 24.11 in a Debian 13
+root, whose own Python and libmunge then run the engine), real munged, real
+PAM-free minting: nothing here is faked.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pytest
 
 from repository.store import SqlTokenStore
 from tests.conftest import REPO, run_cli, run_engine, tokenlife_bin
-from tests.integration.conftest import require_host_slurm, write_hs_key, write_task_prolog
+from tests.integration.conftest import SlurmTarget, write_hs_key, write_task_prolog
 from tests.integration.harness.slurm import SlurmCluster, free_port
 
 pytestmark = pytest.mark.slurm
@@ -66,8 +67,7 @@ def write_prolog(path: Path, engine: Path, config: Path, log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def site(test_users: tuple[str, str]) -> Iterator[Site]:
-    require_host_slurm()
+def site(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[Site]:
     _, bob = test_users
     work = Path(tempfile.mkdtemp(prefix="tl-pullonly-"))
     work.chmod(0o755)
@@ -85,6 +85,7 @@ def site(test_users: tuple[str, str]) -> Iterator[Site]:
                 task_prolog=task_prolog,
                 extra_conf=f"Prolog={prolog}\n",
                 open_munge=True,
+                system_root=slurm_target.system_root,
             )
             pull = f"127.0.0.1:{free_port()}"
             config = work / "tokenlife.toml"
@@ -111,6 +112,7 @@ def site(test_users: tuple[str, str]) -> Iterator[Site]:
             write_task_prolog(task_prolog, cluster.engine, engine_config)
             write_prolog(prolog, cluster.engine, engine_config, work / "prolog.log")
             stack.enter_context(cluster)
+            slurm_target.check(cluster)
             yield Site(cluster, work, config, token_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
