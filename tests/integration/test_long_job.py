@@ -20,11 +20,15 @@ Beside it, a second user's job under ``tokenlife-engine run`` gets no new
 login: its stderr says that the token cannot be renewed any more before the
 chain's renew-until comes (and the token expires).
 
-On 22.05 the node also pulls (``[engine] pull``, munge-authenticated, from
-the same ``tokenlife serve``), and the push is cut for 3.5 token lifetimes in
-the middle of the job (node01's sshd is stopped; its files and slurmd stay):
-every call above must still succeed, carried by pulls alone, and after the
-push is back, push and pull agree on the newest token.
+The node also pulls (``[engine] pull``, munge-authenticated, from the same
+``tokenlife serve``), and the push is cut for 3.5 token lifetimes in the
+middle of the job: on 22.05 node01's sshd is stopped (its files and slurmd
+stay); on 24.11, whose node is a directory the system root shares, the
+daemon is reloaded with ``[delivery] transport = "none"`` and, after the
+cut, with its transport again.  Every call above must still succeed,
+carried by pulls alone (on 24.11 the engine runs on Debian 13's Python and
+libmunge), and after the push is back, push and pull agree on the newest
+token.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import contextlib
 import json
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -55,7 +60,7 @@ RENEWABLE = 40  # each chain's renew-until, from its first token
 LOGIN_EVERY = 25  # seconds between the first user's logins: each starts a chain
 JOB_SECONDS = 100  # 10 lifetimes, over several chains
 CHAIN_END_JOB = RENEWABLE + 15  # the second user's job: past its only chain's end
-CUT_FROM, CUT_SECONDS = 20, 35  # 22.05: no push from 20 s into the job, for 3.5 lifetimes
+CUT_FROM, CUT_SECONDS = 20, 35  # no push from 20 s into the job, for 3.5 lifetimes
 
 
 @dataclass
@@ -63,7 +68,28 @@ class Site:
     cluster: SlurmCluster
     work: Path
     config: Path
-    nodes: SshNodes | None = None  # 22.05: the sshd node (push can be cut), and pull is on
+    nodes: SshNodes | None = None  # 22.05: the sshd node; 24.11: None (local delivery)
+
+    def node_file(self, uid: int) -> str:
+        """The user's token file on node01, as the node holds it."""
+        if self.nodes is not None:
+            return self.nodes[NODE].read_text(f"/run/tokenlife/{uid}/slurm_jwt")
+        return (
+            self.work / "nodes" / NODE / "run" / "tokenlife" / str(uid) / "slurm_jwt"
+        ).read_text()
+
+    def cut_push(self, serve: subprocess.Popen[bytes], cut: bool) -> None:
+        """Stop (``cut``) or restore the push to node01, the node's files and slurmd untouched."""
+        if self.nodes is not None:
+            if cut:
+                self.nodes.cut_sshd(NODE)  # ssh refused
+            else:
+                self.nodes.start_node(NODE)
+            return
+        local, none = 'transport = "local"', 'transport = "none"'
+        text = self.config.read_text()
+        self.config.write_text(text.replace(local, none) if cut else text.replace(none, local))
+        serve.send_signal(signal.SIGHUP)
 
 
 # Samples $SLURM_JWT_FILE (the per-job copy) every 0.2 s; reports the longest
@@ -175,16 +201,6 @@ def site(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[Sit
                     f'ssh_config = "{nodes.ssh_config}"\n'
                     f"port = {nodes.port}\n"
                 )
-                # Pull beside push: the cluster's munged vouches for the job's user.
-                pull = f"127.0.0.1:{free_port()}"
-                config_text += (
-                    f'[pull]\nlisten = "{pull}"\npolicy = "own"\n'
-                    f'munge_socket = "{cluster.munge_socket}"\n'
-                )
-                engine += (
-                    f'pull = "{pull}"\npull_timeout = 5\npull_server_user = "root"\n'
-                    f'munge_socket = "{cluster.munge_socket}"\n'
-                )
             else:
                 cluster = SlurmCluster(
                     work / "cluster",
@@ -199,6 +215,16 @@ def site(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[Sit
                     'remote_dir = "/run/tokenlife"\njobs = "static"\n'
                 )
                 engine += f'token_dir = "{work}/nodes/{NODE}/run/tokenlife"\n'
+            # Pull beside push: the cluster's munged vouches for the job's user.
+            pull = f"127.0.0.1:{free_port()}"
+            config_text += (
+                f'[pull]\nlisten = "{pull}"\npolicy = "own"\n'
+                f'munge_socket = "{cluster.munge_socket}"\n'
+            )
+            engine += (
+                f'pull = "{pull}"\npull_timeout = 5\npull_server_user = "root"\n'
+                f'munge_socket = "{cluster.munge_socket}"\n'
+            )
             config.write_text(config_text)
             engine_config = work / "engine.toml"
             engine_config.write_text(engine)
@@ -271,7 +297,7 @@ def test_long_job_keeps_a_valid_token_for_its_whole_life(
         bob_job = submit(site, bob, "bob", f"exec tokenlife-engine run -- sleep {CHAIN_END_JOB}\n")
         logins = 1
         started = time.monotonic()
-        cut = "before" if site.nodes is not None else "never"
+        cut = "before"
         deadline = time.monotonic() + JOB_SECONDS + 60
         while site.cluster.root_run(["squeue", "-h", "-j", job], check=False).stdout.strip():
             assert time.monotonic() < deadline, f"job did not end\n{site.cluster.logs()}"
@@ -280,14 +306,14 @@ def test_long_job_keeps_a_valid_token_for_its_whole_life(
                 login(site, alice)
                 logins += 1
             into_job = time.monotonic() - started
-            if site.nodes is not None and cut == "before" and into_job >= CUT_FROM:
-                site.nodes.cut_sshd(NODE)  # no push: ssh refused; files, slurmd and the job stay
+            if cut == "before" and into_job >= CUT_FROM:
+                site.cut_push(serve, cut=True)  # no push; files, slurmd and the job stay
                 cut = "during"
-            elif site.nodes is not None and cut == "during" and into_job >= CUT_FROM + CUT_SECONDS:
-                site.nodes.start_node(NODE)
+            elif cut == "during" and into_job >= CUT_FROM + CUT_SECONDS:
+                site.cut_push(serve, cut=False)
                 cut = "after"
             time.sleep(1)
-        assert cut in ("never", "after"), f"the job ended before the push was back ({cut})"
+        assert cut == "after", f"the job ended before the push was back ({cut})"
         while site.cluster.root_run(["squeue", "-h", "-j", bob_job], check=False).stdout.strip():
             assert time.monotonic() < deadline, f"job did not end\n{site.cluster.logs()}"
             time.sleep(1)
@@ -328,14 +354,16 @@ def test_long_job_keeps_a_valid_token_for_its_whole_life(
     assert len(warned) == 1 and len(expired) == 1, said
     assert warned[0] < expired[0], said
     assert "log in again" in said[warned[0]]
-    if site.nodes is not None:
-        pulls_carried_the_cut(site, alice, serve_log)
+    pulls_carried_the_cut(site, alice, serve_log)
 
 
 def pulls_carried_the_cut(site: Site, alice: str, serve_log: str) -> None:
     """The push was really cut, pulls filled in, and once the push is back
     the node holds the store's newest token whoever wrote it last."""
-    assert f"delivery to {NODE} failed" in serve_log, serve_log[-3000:]
+    if site.nodes is not None:
+        assert f"delivery to {NODE} failed" in serve_log, serve_log[-3000:]
+    else:
+        assert serve_log.count("configuration reloaded") == 2, serve_log[-3000:]
     status = json.loads(run_cli("-c", str(site.config), "status", "--json").stdout)
     # Each lifetime of the cut needs a token no push brought.
     assert status["pulls_24h"]["ok"] >= CUT_SECONDS // LIFETIME, status["pulls_24h"]
@@ -353,6 +381,4 @@ def pulls_carried_the_cut(site: Site, alice: str, serve_log: str) -> None:
     finally:
         store.engine.dispose()
     assert current is not None
-    assert site.nodes is not None
-    on_node = site.nodes[NODE].read_text(f"/run/tokenlife/{pwd.getpwnam(alice).pw_uid}/slurm_jwt")
-    assert on_node.strip() == current.token
+    assert site.node_file(pwd.getpwnam(alice).pw_uid).strip() == current.token
