@@ -28,6 +28,7 @@ ALERTS = {
     "TokenlifeRenewalOverdue",
     "TokenlifeTokenExpired",
     "TokenlifeRenewalsFailing",
+    "TokenlifeServiceTokensFailing",
     "TokenlifeDeliveryFailing",
     "TokenlifeStoreDown",
     "TokenlifeJobSourceDown",

@@ -24,6 +24,7 @@ from tests.conftest import require_root, require_tool, run_cli, tokenlife_bin
 from tests.integration.conftest import write_hs_key
 from tests.integration.harness.sshnodes import SshNodes
 from tests.integration.harness.users import TEST_GROUP
+from tests.unit.test_metrics import free_port, parse, scrape
 from tokenlife.slurm_jwt import SlurmJwt
 
 SERVICE_DIR = "/run/tokenlife/svc"  # on the nodes' private tmpfs
@@ -40,7 +41,7 @@ def ssh_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshNodes]:
         yield nodes
 
 
-def write_config(tmp_path: Path, nodes: SshNodes, service: str) -> Path:
+def write_config(tmp_path: Path, nodes: SshNodes, service: str, metrics: str = "") -> Path:
     key = tmp_path / "jwt_hs256.key"
     if not key.exists():
         write_hs_key(key)
@@ -55,7 +56,7 @@ def write_config(tmp_path: Path, nodes: SshNodes, service: str) -> Path:
         f'[delivery.ssh]\nidentity_file = "{nodes.client_key}"\n'
         f'known_hosts = "{nodes.known_hosts}"\nssh_config = "{nodes.ssh_config}"\n'
         'connect_timeout = "5"\n'
-        '[serve]\ninterval = "1"\nmetrics = ""\n' + service
+        f'[serve]\ninterval = "1"\nmetrics = "{metrics}"\n' + service
     )
     return cfg
 
@@ -93,8 +94,12 @@ def test_serve_keeps_a_valid_token_on_the_nodes_across_chains(
     node01, node02 = ssh_nodes["node01"], ssh_nodes["node02"]
     node01.run(["install", "-d", "-m", "0755", SERVICE_DIR])
     node02.run(["install", "-d", "-m", "0777", SERVICE_DIR])  # others could swap the file
+    port = free_port()
     cfg = write_config(
-        tmp_path, ssh_nodes, service_entry(alice, f'group = "{TEST_GROUP}"', 'mode = "0640"')
+        tmp_path,
+        ssh_nodes,
+        service_entry(alice, f'group = "{TEST_GROUP}"', 'mode = "0640"'),
+        metrics=f"127.0.0.1:{port}",
     )
     uid, gid = pwd.getpwnam(alice).pw_uid, grp.getgrnam(TEST_GROUP).gr_gid
     key = HS256Key((tmp_path / "jwt_hs256.key").read_bytes())
@@ -143,6 +148,19 @@ def test_serve_keeps_a_valid_token_on_the_nodes_across_chains(
         st = node02.stat(SERVICE_PATH)
         assert (st.kind, st.mode, st.uid, st.gid) == ("file", 0o640, uid, gid)
         assert SlurmJwt().read(node02.read_text(SERVICE_PATH)).exp > time.time()
+        # The metrics tell it too: node02's refusals, the files delivered, the
+        # tokens minted and kept (an alert reads the failures).
+        figures = parse(scrape(port))
+        results = {
+            (name, labels[0][1]): value
+            for (name, labels), value in figures.items()
+            if name in ("tokenlife_service_tokens_total", "tokenlife_service_file_results_total")
+        }
+        assert results[("tokenlife_service_file_results_total", "failed")] >= 1, results
+        assert results[("tokenlife_service_file_results_total", "delivered")] >= 4, results
+        assert results[("tokenlife_service_tokens_total", "minted")] >= 3, results
+        assert results[("tokenlife_service_tokens_total", "kept")] >= 1, results
+        assert results[("tokenlife_service_tokens_total", "failed")] == 0, results
     finally:
         stop(proc)
     assert proc.returncode == 0

@@ -158,6 +158,7 @@ class Daemon:
         log.log(level, "tick: %s", summary.line())
         if self.keeper is not None:  # each service on its own: this never raises
             kept = self.keeper.keep()
+            stats.service_upkeep(kept)
             log.log(logging.WARNING if kept.failed else logging.INFO, "tick: %s", kept.line())
         if self.cycle is None:
             if self.pull.wants_jobs:
@@ -175,6 +176,7 @@ class Daemon:
             log.log(level, "delivery: %s", delivery.line())
         if self.services is not None:  # each host on its own: this never raises
             files = self.services.run()
+            stats.service_delivery(files)
             level = logging.WARNING if files.failed else logging.INFO
             log.log(level, "delivery: %s", files.line())
         return ok

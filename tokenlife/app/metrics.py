@@ -10,7 +10,8 @@ Four kinds of figures, one collector, its own registry (never the global one):
   the store's figures are left out (a scrape never fails);
 * the store's audit events, counted as they are committed, by any writer,
   since this daemon started (``EventTally``);
-* what this daemon did, counted after each tick (``TickStats``), its build
+* what this daemon did, counted after each tick (``TickStats``: renewals,
+  deliveries, the service accounts' tokens and files), its build
   (``tokenlife_build_info``) and its process (``process_*``);
 * with ``[pull] listen`` set, the pull service's requests by result since the
   daemon started (``tokenlife_pull_requests_total``, every result at 0 from
@@ -46,9 +47,11 @@ from tokenlife.errors import TokenlifeError
 
 if TYPE_CHECKING:
     from repository.renewer import Summary
+    from repository.services import KeeperSummary
     from repository.status import Snapshot
     from tokenlife.interfaces import Repository
     from transfer.cycle import DeliverySummary
+    from transfer.service_delivery import ServiceSummary
 
 log = logging.getLogger("tokenlife.metrics")  # the name operators grep for
 
@@ -57,6 +60,11 @@ SNAPSHOT_TTL = 2.0
 #: the delivery outcomes counted by ``tokenlife_delivery_results_total``
 #: (dropped: done, but another replica held the claim by then: not recorded)
 RESULTS = ("delivered", "unchanged", "removed", "failed", "dropped")
+#: the service accounts' upkeep per tick (``tokenlife_service_tokens_total``):
+#: a new token minted, the current one kept, or a mint that failed
+SERVICE_TOKEN_RESULTS = ("minted", "kept", "failed")
+#: their token files' delivery (``tokenlife_service_file_results_total``)
+SERVICE_FILE_RESULTS = ("delivered", "unchanged", "failed")
 LAST_TICK = "tokenlife_last_tick_success_timestamp_seconds"
 #: the audit trail's kinds: exported at 0 before the first one (``increase()``
 #: needs a series to exist before it grows); other kinds appear when they occur
@@ -163,6 +171,12 @@ class TickStats:
     renewal_failures: int = 0
     expired: int = 0
     results: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
+    service_tokens: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(SERVICE_TOKEN_RESULTS, 0)
+    )
+    service_files: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(SERVICE_FILE_RESULTS, 0)
+    )
     tick_failures: int = 0
     #: delivery cycles whose job source failed (squeue down, slurmctld unreachable)
     job_source_failures: int = 0
@@ -188,6 +202,16 @@ class TickStats:
                 self.results[name] += int(getattr(summary, name))
             self.job_source_up = 0 if summary.jobs_error else 1
             self.job_source_failures += bool(summary.jobs_error)
+
+    def service_upkeep(self, summary: KeeperSummary) -> None:
+        with self.lock:
+            for name in SERVICE_TOKEN_RESULTS:
+                self.service_tokens[name] += int(getattr(summary, name))
+
+    def service_delivery(self, summary: ServiceSummary) -> None:
+        with self.lock:
+            for name in SERVICE_FILE_RESULTS:
+                self.service_files[name] += int(getattr(summary, name))
 
     def job_source(self, ok: bool) -> None:
         """The job source asked without a delivery cycle (``transport = "none"``)."""
@@ -245,6 +269,24 @@ class TickStats:
             for name in RESULTS:
                 results.add_metric([name], self.results[name])
             families.append(results)
+            tokens = CounterMetricFamily(
+                "tokenlife_service_tokens",
+                "Service accounts' tokens per tick by result: a new one minted, the current "
+                "one kept, or a mint that failed; since the daemon started.",
+                labels=["result"],
+            )
+            for name in SERVICE_TOKEN_RESULTS:
+                tokens.add_metric([name], self.service_tokens[name])
+            families.append(tokens)
+            files = CounterMetricFamily(
+                "tokenlife_service_file_results",
+                "Service accounts' token files to their hosts by result, per service and "
+                "host, since the daemon started.",
+                labels=["result"],
+            )
+            for name in SERVICE_FILE_RESULTS:
+                files.add_metric([name], self.service_files[name])
+            families.append(files)
             families.append(
                 GaugeMetricFamily(
                     LAST_TICK,
