@@ -8,13 +8,26 @@
 # need it. The pull is bounded by engine.pull_timeout, and the whole run by
 # LIMIT seconds here (keep it above pull_timeout). Never fails: a failing Prolog drains the node and holds
 # the job; a task without a token still runs (the TaskProlog says why).
+# It also marks the job in TOKEN_DIR/.jobs (root's, 0700; TOKEN_DIR is
+# [engine] token_dir): the shipped Epilog removes the user's pulled token when
+# the user's last marked job on the node ends.
 ENGINE=/usr/local/bin/tokenlife-engine
 LOG=/var/log/tokenlife/pull-prolog.log
 LIMIT=15
+TOKEN_DIR=/run/tokenlife
 [ -x "$ENGINE" ] || exit 0
 case "$SLURM_JOB_ID" in
     "" | *[!0-9]*) JOB="?" ;;
     *) JOB=$SLURM_JOB_ID ;;
+esac
+# Marked before the pull: an Epilog of the user's previous job that ends
+# meanwhile then keeps the token this job is about to use.
+case "$SLURM_JOB_UID:$JOB" in
+    *[!0-9:]* | :* | *: | *:*:*) ;;  # both must be plain numbers
+    *) if [ -d "$TOKEN_DIR" ] && [ ! -L "$TOKEN_DIR" ]; then
+           [ -d "$TOKEN_DIR/.jobs" ] || mkdir -m 0700 "$TOKEN_DIR/.jobs" 2>/dev/null
+           : >"$TOKEN_DIR/.jobs/$SLURM_JOB_UID.$JOB" 2>/dev/null
+       fi ;;
 esac
 # The engine bounds the pull; timeout(1) also stops a run that hangs elsewhere
 # (an NSS lookup, say) after LIMIT seconds.

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,14 @@ JOB = r"""#!/bin/sh
 echo "token=${SLURM_JWT:-none}"
 out=$(squeue -h -j "$SLURM_JOB_ID" -o %i 2>&1)
 echo "squeue=$out"
+kept="$TOKEN_DIR/$(id -u)/slurm_jwt"
+echo "kept=$(cat "$kept")"
+echo "kept_stat=$(stat -c '%u %a' "$kept")"
+"""
+# Runs until FLAG exists (60 s at most): a job of the user still on the node.
+WAITER = r"""#!/bin/sh
+i=0
+while [ ! -e "$FLAG" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
 """
 
 
@@ -50,8 +58,8 @@ class Site:
     token_dir: Path
 
 
-def write_prolog(path: Path, engine: Path, config: Path, log: Path) -> None:
-    """The shipped Prolog with this cluster's engine, config and log."""
+def write_prolog(path: Path, engine: Path, config: Path, log: Path, token_dir: Path) -> None:
+    """The shipped Prolog with this cluster's engine, config, log and token directory."""
     text = (REPO / "systemd" / "slurm" / "prolog.sh").read_text()
     for shipped, ours in (
         (
@@ -59,10 +67,19 @@ def write_prolog(path: Path, engine: Path, config: Path, log: Path) -> None:
             f"ENGINE={engine}\nexport TOKENLIFE_CONFIG={config}",
         ),
         ("LOG=/var/log/tokenlife/pull-prolog.log", f"LOG={log}"),
+        ("TOKEN_DIR=/run/tokenlife", f"TOKEN_DIR={token_dir}"),
     ):
         assert shipped in text, f"prolog.sh no longer says {shipped!r}"
         text = text.replace(shipped, ours, 1)
     path.write_text(text)
+    path.chmod(0o755)
+
+
+def write_epilog(path: Path, token_dir: Path) -> None:
+    """The shipped Epilog with this node's token directory."""
+    text = (REPO / "systemd" / "slurm" / "epilog.sh").read_text()
+    assert "TOKEN_DIR=/run/tokenlife\n" in text
+    path.write_text(text.replace("TOKEN_DIR=/run/tokenlife\n", f"TOKEN_DIR={token_dir}\n", 1))
     path.chmod(0o755)
 
 
@@ -79,11 +96,12 @@ def site(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[Sit
             token_dir.mkdir(mode=0o755)
             key = write_hs_key(work / "jwt_hs256.key")
             task_prolog, prolog = work / "taskprolog.sh", work / "prolog.sh"
+            epilog = work / "epilog.sh"
             cluster = SlurmCluster(
                 work / "cluster",
                 key,
                 task_prolog=task_prolog,
-                extra_conf=f"Prolog={prolog}\n",
+                extra_conf=f"Prolog={prolog}\nEpilog={epilog}\n",
                 open_munge=True,
                 system_root=slurm_target.system_root,
             )
@@ -110,7 +128,8 @@ def site(test_users: tuple[str, str], slurm_target: SlurmTarget) -> Iterator[Sit
             installed = run_engine(engine_config, "install-wrappers")
             assert installed.returncode == 0, installed.stderr
             write_task_prolog(task_prolog, cluster.engine, engine_config)
-            write_prolog(prolog, cluster.engine, engine_config, work / "prolog.log")
+            write_prolog(prolog, cluster.engine, engine_config, work / "prolog.log", token_dir)
+            write_epilog(epilog, token_dir)
             stack.enter_context(cluster)
             slurm_target.check(cluster)
             yield Site(cluster, work, config, token_dir)
@@ -123,15 +142,11 @@ def claims(token: str) -> dict[str, object]:
     return dict(json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))))
 
 
-def test_the_first_task_of_a_job_has_its_token_by_pull_alone(
-    site: Site, test_users: tuple[str, str]
-) -> None:
-    _, bob = test_users
-    uid = pwd.getpwnam(bob).pw_uid
-    minted = run_cli("-c", str(site.config), "mint", bob, "--local")
-    assert minted.returncode == 0, minted.stderr
+@contextlib.contextmanager
+def serving(site: Site) -> Iterator[None]:
+    """``tokenlife serve`` (pull on, push off) for the duration."""
     log_path = site.work / "serve.log"
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         serve = subprocess.Popen(
             [tokenlife_bin(), "-c", str(site.config), "-v", "serve"], stderr=log
         )
@@ -140,19 +155,50 @@ def test_the_first_task_of_a_job_has_its_token_by_pull_alone(
         while not (site.work / "mint.sock").exists():
             assert serve.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
-        assert not (site.token_dir / str(uid)).exists()  # nothing on the node before the job
+        yield
+    finally:
+        serve.terminate()
+        serve.wait(20)
 
-        script = site.work / "job.sh"
-        script.write_text(JOB)
-        script.chmod(0o755)
-        argv = ["sbatch", "--parsable", f"--output={site.work}/jobs/%j", str(script)]
-        submitted = site.cluster.run_as(bob, argv, env={"PATH": site.cluster.job_path()})
-        assert submitted.returncode == 0, submitted.stderr
-        job = submitted.stdout.strip()
-        deadline = time.monotonic() + 60
-        while site.cluster.root_run(["squeue", "-h", "-j", job], check=False).stdout.strip():
-            assert time.monotonic() < deadline, f"job did not end\n{site.cluster.logs()}"
-            time.sleep(0.5)
+
+def submit(site: Site, user: str, name: str, body: str, **env: str) -> str:
+    script = site.work / f"{name}.sh"
+    script.write_text(body)
+    script.chmod(0o755)
+    argv = ["sbatch", "--parsable", f"--output={site.work}/jobs/%j", str(script)]
+    env = {"PATH": site.cluster.job_path(), "TOKEN_DIR": str(site.token_dir), **env}
+    submitted = site.cluster.run_as(user, argv, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip()
+
+
+def wait_for(what: str, done: Callable[[], bool], site: Site, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, f"{what}\n{site.cluster.logs()}"
+        time.sleep(0.2)
+
+
+def gone(site: Site, job: str) -> Callable[[], bool]:
+    """The job left the queue (its Epilog may still run)."""
+    return lambda: (
+        not site.cluster.root_run(["squeue", "-h", "-j", job], check=False).stdout.strip()
+    )
+
+
+def test_the_first_task_of_a_job_has_its_token_by_pull_alone(
+    site: Site, test_users: tuple[str, str]
+) -> None:
+    _, bob = test_users
+    uid = pwd.getpwnam(bob).pw_uid
+    minted = run_cli("-c", str(site.config), "mint", bob, "--local")
+    assert minted.returncode == 0, minted.stderr
+    directory = site.token_dir / str(uid)
+    kept = directory / "slurm_jwt"
+    with serving(site):
+        assert not directory.exists()  # nothing on the node before the job
+        job = submit(site, bob, "job", JOB)
+        wait_for("the job did not end", gone(site, job), site)
         # Pulls are audited in batches, a second or so after they happen.
         deadline = time.monotonic() + 15
         while True:
@@ -160,9 +206,6 @@ def test_the_first_task_of_a_job_has_its_token_by_pull_alone(
             if status["pulls_24h"]["ok"] or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-    finally:
-        serve.terminate()
-        serve.wait(20)
 
     output = (site.work / "jobs" / job).read_text()
     said = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
@@ -178,17 +221,47 @@ def test_the_first_task_of_a_job_has_its_token_by_pull_alone(
     assert claims(current.token)["sun"] == bob
     assert said.get("squeue") == job, context
     # The Prolog made the user's directory as push would (0700, the user's) and
-    # the pull kept the token there 0600; one pull, no failure, no push.
-    directory = site.token_dir / str(uid)
+    # the pull kept the token there 0600 while the job ran; one pull, no
+    # failure, no push.
     info = directory.stat()
     assert (info.st_uid, oct(info.st_mode & 0o777)) == (uid, "0o700")
-    kept = directory / "slurm_jwt"
-    assert kept.read_text().strip() == current.token
-    assert (kept.stat().st_uid, oct(kept.stat().st_mode & 0o777)) == (uid, "0o600")
+    assert said.get("kept") == current.token, context
+    assert said.get("kept_stat") == f"{uid} 600", context
     assert status["pulls_24h"]["ok"] >= 1, status
     assert sum(status["pulls_24h"].values()) == status["pulls_24h"]["ok"], status
     assert _read(site.work / "prolog.log") == "", "the Prolog logs failures only"
     assert os.path.getsize(site.work / "serve.log") > 0
+    # The job was bob's last on the node: its Epilog removed the pulled token
+    # (and the job's mark); the directory stays, as push leaves it.
+    wait_for("the Epilog left the pulled token", lambda: not kept.exists(), site, 30)
+    assert directory.is_dir() and list((site.token_dir / ".jobs").iterdir()) == []
+
+
+def test_a_pulled_token_stays_while_another_job_of_the_user_runs_there(
+    site: Site, test_users: tuple[str, str]
+) -> None:
+    _, bob = test_users
+    uid = pwd.getpwnam(bob).pw_uid
+    kept = site.token_dir / str(uid) / "slurm_jwt"
+    marks = site.token_dir / ".jobs"
+    flag = site.work / "jobs" / "waiter.done"
+    with serving(site):
+        waiter = submit(site, bob, "waiter", WAITER, FLAG=str(flag))
+        wait_for("the waiter's Prolog pulled nothing", kept.exists, site)
+        quick = submit(site, bob, "quick", "#!/bin/sh\ntrue\n")
+        wait_for("the quick job did not end", gone(site, quick), site)
+        wait_for(
+            "the quick job's Epilog did not run",
+            lambda: not (marks / f"{uid}.{quick}").exists(),
+            site,
+            30,
+        )
+        assert kept.exists()  # the waiter still runs here: its token stays
+        assert (marks / f"{uid}.{waiter}").exists()
+        flag.touch()
+        wait_for("the waiter did not end", gone(site, waiter), site)
+        wait_for("the Epilog left the pulled token", lambda: not kept.exists(), site, 30)
+    assert list(marks.iterdir()) == []
 
 
 def _read(path: Path) -> str:

@@ -180,6 +180,85 @@ def test_prolog_runs_tokenlife_without_log_or_logger(tmp_path: Path) -> None:
     assert ran.read_text() == "push --job\n"
 
 
+# --- the pull-only Prolog and the Epilog: the job marks ------------------------------
+
+
+def shipped(tmp_path: Path, name: str, replace: dict[str, str]) -> Path:
+    text = (SLURM / name).read_text()
+    for old, new in replace.items():
+        assert f"{old}\n" in text, f"{name} no longer says {old!r}"
+        text = text.replace(old, new, 1)
+    return executable(tmp_path / name, text)
+
+
+def epilog(tmp_path: Path, base: Path, uid: int, job: int) -> None:
+    script = shipped(tmp_path, "epilog.sh", {"TOKEN_DIR=/run/tokenlife": f"TOKEN_DIR={base}"})
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_UID": str(uid), "SLURM_JOB_ID": str(job)}
+    proc = sh(script, env)
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
+def test_pull_prolog_marks_the_job_before_it_pulls(tmp_path: Path) -> None:
+    base = tmp_path / "run"
+    base.mkdir(mode=0o755)
+    seen = tmp_path / "seen"
+    fake = executable(
+        tmp_path / "engine",
+        f'#!/bin/sh\nls -a "{base}/.jobs" >{seen}\nstat -c %a "{base}/.jobs" >>{seen}\n',
+    )
+    script = shipped(
+        tmp_path,
+        "prolog.sh",
+        {
+            "ENGINE=/usr/local/bin/tokenlife-engine": f"ENGINE={fake}",
+            "LOG=/var/log/tokenlife/pull-prolog.log": f"LOG={tmp_path}/pull.log",
+            "TOKEN_DIR=/run/tokenlife": f"TOKEN_DIR={base}",
+        },
+    )
+    env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_UID": "1001", "SLURM_JOB_ID": "77"}
+    assert sh(script, env).returncode == 0
+    assert seen.read_text().split() == [".", "..", "1001.77", "700"]
+    # no token directory (or a job id that is not a number): no mark, the pull still runs
+    for bad in ({"SLURM_JOB_ID": "7;rm"}, {"SLURM_JOB_UID": ""}):
+        seen.unlink()
+        assert sh(script, {**env, **bad}).returncode == 0
+        assert seen.read_text().split() == [".", "..", "1001.77", "700"]
+    # no token directory (tmpfiles did not run): nothing made, the pull still runs
+    script.write_text(script.read_text().replace(f"TOKEN_DIR={base}\n", f"TOKEN_DIR={base}x\n"))
+    seen.unlink()
+    assert sh(script, env).returncode == 0
+    assert seen.exists() and not Path(f"{base}x").exists()
+
+
+def test_epilog_removes_a_pulled_token_with_the_users_last_marked_job(tmp_path: Path) -> None:
+    base = tmp_path / "run"
+    marks = base / ".jobs"
+    marks.mkdir(parents=True, mode=0o700)
+    mine, theirs = base / "1001", base / "1002"
+    for d in (mine, theirs):
+        d.mkdir(mode=0o700)
+        (d / "slurm_jwt").write_text("a.b.c")
+        (d / ".pull.lock").write_text("")
+    for mark in ("1001.10", "1001.11", "1002.12"):
+        (marks / mark).write_text("")
+    outside = tmp_path / "precious"
+    outside.write_text("keep me")
+    epilog(tmp_path, base, 1001, 10)  # job 11 of the same user still runs here
+    assert sorted(p.name for p in marks.iterdir()) == ["1001.11", "1002.12"]
+    assert (mine / "slurm_jwt").exists()
+    # the user swapped the token for a link: removing it never follows it
+    (mine / "slurm_jwt").unlink()
+    (mine / "slurm_jwt").symlink_to(outside)
+    epilog(tmp_path, base, 1001, 11)  # the last one: the pulled token goes
+    assert sorted(p.name for p in marks.iterdir()) == ["1002.12"]
+    assert sorted(p.name for p in mine.iterdir()) == [] and mine.is_dir()
+    assert outside.read_text() == "keep me"
+    assert sorted(p.name for p in theirs.iterdir()) == [".pull.lock", "slurm_jwt"]
+    # a job the Prolog did not mark (a push site): the delivered token stays
+    epilog(tmp_path, base, 1002, 99)
+    assert sorted(p.name for p in theirs.iterdir()) == [".pull.lock", "slurm_jwt"]
+
+
 # --- the Debian package's scripts ----------------------------------------------------
 
 
