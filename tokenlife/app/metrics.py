@@ -261,32 +261,28 @@ class TickStats:
                         value=self.job_source_up,
                     )
                 )
-            results = CounterMetricFamily(
-                "tokenlife_delivery_results",
-                "Deliveries to nodes by result, per node and user, since the daemon started.",
-                labels=["result"],
-            )
-            for name in RESULTS:
-                results.add_metric([name], self.results[name])
-            families.append(results)
-            tokens = CounterMetricFamily(
-                "tokenlife_service_tokens",
-                "Service accounts' tokens per tick by result: a new one minted, the current "
-                "one kept, or a mint that failed; since the daemon started.",
-                labels=["result"],
-            )
-            for name in SERVICE_TOKEN_RESULTS:
-                tokens.add_metric([name], self.service_tokens[name])
-            families.append(tokens)
-            files = CounterMetricFamily(
-                "tokenlife_service_file_results",
-                "Service accounts' token files to their hosts by result, per service and "
-                "host, since the daemon started.",
-                labels=["result"],
-            )
-            for name in SERVICE_FILE_RESULTS:
-                files.add_metric([name], self.service_files[name])
-            families.append(files)
+            families += [
+                _by_result(
+                    "delivery_results",
+                    "Deliveries to nodes by result, per node and user, since the daemon started.",
+                    RESULTS,
+                    self.results,
+                ),
+                _by_result(
+                    "service_tokens",
+                    "Service accounts' tokens per tick by result: a new one minted, the current "
+                    "one kept, or a mint that failed; since the daemon started.",
+                    SERVICE_TOKEN_RESULTS,
+                    self.service_tokens,
+                ),
+                _by_result(
+                    "service_file_results",
+                    "Service accounts' token files to their hosts by result, per service and "
+                    "host, since the daemon started.",
+                    SERVICE_FILE_RESULTS,
+                    self.service_files,
+                ),
+            ]
             families.append(
                 GaugeMetricFamily(
                     LAST_TICK,
@@ -319,6 +315,16 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
 PullFigures = Callable[[], "tuple[bool, dict[str, int]] | None"]
 
 
+def _by_result(
+    name: str, documentation: str, results: Sequence[str], counts: dict[str, int]
+) -> CounterMetricFamily:
+    """A counter family with one sample per result (every one, 0 if none yet)."""
+    family = CounterMetricFamily(f"tokenlife_{name}", documentation, labels=["result"])
+    for result in results:
+        family.add_metric([result], counts.get(result, 0))
+    return family
+
+
 def _pull_families(figures: tuple[bool, dict[str, int]] | None) -> list[Metric]:
     if figures is None:
         return []
@@ -330,13 +336,12 @@ def _pull_families(figures: tuple[bool, dict[str, int]] | None) -> list[Metric]:
         "1 if the pull service ([pull] listen) serves, else 0.",
         value=int(serving),
     )
-    requests = CounterMetricFamily(
-        "tokenlife_pull_requests",
+    requests = _by_result(
+        "pull_requests",
         "Requests to the pull service by result, since the daemon started.",
-        labels=["result"],
+        PULL_RESULTS,
+        counts,
     )
-    for result in PULL_RESULTS:
-        requests.add_metric([result], counts.get(result, 0))
     return [up, requests]
 
 
