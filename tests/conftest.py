@@ -13,6 +13,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,6 +35,24 @@ def require(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"missing real component in CI: {reason}")
     pytest.skip(reason)
+
+
+def wait_for(
+    condition: Callable[[], object],
+    what: str,
+    timeout: float = 10.0,
+    *,
+    every: float = 0.01,
+    detail: Callable[[], str] | None = None,
+) -> None:
+    """Poll ``condition`` every ``every`` seconds until it holds; after
+    ``timeout`` seconds fail, naming ``what`` (and ``detail()``: a daemon's logs, say)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            more = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{more}")
+        time.sleep(every)
 
 
 def require_root() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from producer.keys import HS256Key
-from tests.conftest import REPO, require_root
+from tests.conftest import REPO, require_root, wait_for
 from tokenlife.slurm_jwt import SlurmJwt
 from tokenlife.users import UserInfo, lookup
 
@@ -49,13 +49,6 @@ if [ -e "$out/hang.$v" ]; then
 fi
 echo "done $v" >> "$out/log"
 """
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def alive(pid: int) -> bool:

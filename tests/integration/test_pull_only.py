@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from repository.store import SqlTokenStore
-from tests.conftest import REPO, run_cli, run_engine, tokenlife_bin
+from tests.conftest import REPO, run_cli, run_engine, tokenlife_bin, wait_for
 from tests.integration.conftest import SlurmTarget, write_hs_key, write_task_prolog
 from tests.integration.harness.slurm import SlurmCluster, free_port
 
@@ -172,13 +172,6 @@ def submit(site: Site, user: str, name: str, body: str, **env: str) -> str:
     return submitted.stdout.strip()
 
 
-def wait_for(what: str, done: Callable[[], bool], site: Site, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not done():
-        assert time.monotonic() < deadline, f"{what}\n{site.cluster.logs()}"
-        time.sleep(0.2)
-
-
 def gone(site: Site, job: str) -> Callable[[], bool]:
     """The job left the queue (its Epilog may still run)."""
     return lambda: (
@@ -198,7 +191,7 @@ def test_the_first_task_of_a_job_has_its_token_by_pull_alone(
     with serving(site):
         assert not directory.exists()  # nothing on the node before the job
         job = submit(site, bob, "job", JOB)
-        wait_for("the job did not end", gone(site, job), site)
+        wait_for(gone(site, job), "the job to end", 60, every=0.2, detail=site.cluster.logs)
         # Pulls are audited in batches, a second or so after they happen.
         deadline = time.monotonic() + 15
         while True:
@@ -233,7 +226,13 @@ def test_the_first_task_of_a_job_has_its_token_by_pull_alone(
     assert os.path.getsize(site.work / "serve.log") > 0
     # The job was bob's last on the node: its Epilog removed the pulled token
     # (and the job's mark); the directory stays, as push leaves it.
-    wait_for("the Epilog left the pulled token", lambda: not kept.exists(), site, 30)
+    wait_for(
+        lambda: not kept.exists(),
+        "the Epilog to remove the pulled token",
+        30,
+        every=0.2,
+        detail=site.cluster.logs,
+    )
     assert directory.is_dir() and list((site.token_dir / ".jobs").iterdir()) == []
 
 
@@ -247,20 +246,29 @@ def test_a_pulled_token_stays_while_another_job_of_the_user_runs_there(
     flag = site.work / "jobs" / "waiter.done"
     with serving(site):
         waiter = submit(site, bob, "waiter", WAITER, FLAG=str(flag))
-        wait_for("the waiter's Prolog pulled nothing", kept.exists, site)
-        quick = submit(site, bob, "quick", "#!/bin/sh\ntrue\n")
-        wait_for("the quick job did not end", gone(site, quick), site)
         wait_for(
-            "the quick job's Epilog did not run",
+            kept.exists, "the waiter's Prolog to pull", 60, every=0.2, detail=site.cluster.logs
+        )
+        quick = submit(site, bob, "quick", "#!/bin/sh\ntrue\n")
+        wait_for(gone(site, quick), "the quick job to end", 60, every=0.2, detail=site.cluster.logs)
+        wait_for(
             lambda: not (marks / f"{uid}.{quick}").exists(),
-            site,
+            "the quick job's Epilog to run",
             30,
+            every=0.2,
+            detail=site.cluster.logs,
         )
         assert kept.exists()  # the waiter still runs here: its token stays
         assert (marks / f"{uid}.{waiter}").exists()
         flag.touch()
-        wait_for("the waiter did not end", gone(site, waiter), site)
-        wait_for("the Epilog left the pulled token", lambda: not kept.exists(), site, 30)
+        wait_for(gone(site, waiter), "the waiter to end", 60, every=0.2, detail=site.cluster.logs)
+        wait_for(
+            lambda: not kept.exists(),
+            "the Epilog to remove the pulled token",
+            30,
+            every=0.2,
+            detail=site.cluster.logs,
+        )
     assert list(marks.iterdir()) == []
 
 

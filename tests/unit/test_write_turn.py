@@ -10,7 +10,6 @@ the turns 0.2 s).  With the turns a mint waits for the batch being written.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,9 @@ from sqlalchemy import text
 
 from repository.store import SqlTokenStore
 from repository.write_turn import WriteTurn, turn_for
+from tests.conftest import wait_for
 from tokenlife.errors import StoreError
 from tokenlife.testing.store_contract import record
-
-
-def wait_for(cond: object, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond() and time.monotonic() < deadline:  # type: ignore[operator]
-        time.sleep(0.001)
-    assert cond(), "timed out"  # type: ignore[operator]
 
 
 def test_turns_go_in_the_order_asked_and_a_holder_may_take_it_again() -> None:
@@ -44,7 +37,7 @@ def test_turns_go_in_the_order_asked_and_a_holder_may_take_it_again() -> None:
         for i in range(5):
             t = threading.Thread(target=writer, args=(i,))
             t.start()
-            wait_for(lambda i=i: turn._next == i + 2)  # its ticket is taken
+            wait_for(lambda i=i: turn._next == i + 2, f"writer {i}'s ticket", every=0.001)
             threads.append(t)
     for t in threads:
         t.join(10)
@@ -70,12 +63,18 @@ def test_a_stores_writers_queue_in_order_and_readers_never_wait(tmp_path: Path) 
 
     first = threading.Thread(target=holder)
     first.start()
-    wait_for(lambda: turn._serving == turn._next - 1 and turn._owner is not None)
+    wait_for(
+        lambda: turn._serving == turn._next - 1 and turn._owner is not None,
+        "the holder's turn",
+        every=0.001,
+    )
     later = []
     for k, name in enumerate(("tlbob", "tlcarol", "tldave")):
         t = threading.Thread(target=writer, args=(name, (store, other)[k % 2]))
         t.start()
-        wait_for(lambda k=k: turn._next == turn._serving + k + 2)
+        wait_for(
+            lambda k=k: turn._next == turn._serving + k + 2, f"writer {k}'s ticket", every=0.001
+        )
         later.append(t)
     # a reader goes on while the writers wait
     assert other.current("tlalice") is not None
